@@ -1,0 +1,35 @@
+"""Critique-and-revise on a shard of 16 prompts: batched vs prompt by prompt, one run.
+
+Run: make bench (or python -m pytest tests/bench/bench_critique.py -s). Prints the ratio;
+asserts nothing about time. Uses the embedded model.
+"""
+
+import json
+import time
+
+from cai import constitution, models, prompts
+from cai.critique import CritiqueSettings, critique_revise, respond
+from cai.generation import Sampling
+from tests.test_constitution import DEFAULT
+
+
+def test_bench_critique_batched_vs_sequential():
+    model, tok = models.load("smollm2-135m")
+    cons = constitution.load(DEFAULT)
+    ps = prompts.load("all").prompts[::19][:16]
+    s = Sampling(max_new_tokens=48, batch_size=16, seed=1)
+    settings = CritiqueSettings(passes=1)
+    responses = respond(model, tok, ps, s)
+
+    t = time.perf_counter()
+    critique_revise(model, tok, cons, responses, settings, s, {})
+    batched = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for r in responses:
+        critique_revise(model, tok, cons, [r], settings, s.model_copy(update={"batch_size": 1}), {})
+    sequential = time.perf_counter() - t
+
+    fig = {"prompts": 16, "passes": 1, "max_new_tokens": 48, "batched_s": round(batched, 1),
+           "sequential_s": round(sequential, 1), "speedup": round(sequential / batched, 1)}
+    print("\nBENCH critique:", json.dumps(fig))

@@ -1,0 +1,40 @@
+import pytest
+
+from cai.generation import Sampling, generate, next_token_mass, render
+
+CONVS = [[{"role": "user", "content": "Hi"}],
+         [{"role": "user", "content": "Tell me a long story about a dragon who learns to code in Rust."}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]]
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny):
+    model, tok = tiny
+    s = Sampling(max_new_tokens=8, temperature=0, batch_size=8)
+    batched = generate(model, tok, CONVS, s)
+    single = [generate(model, tok, [c], s)[0] for c in CONVS]
+    assert [g.text for g in batched] == [g.text for g in single]  # left padding does not change answers
+    assert all(0 < g.n_tokens <= 8 for g in batched)
+
+
+def test_sampling_is_seeded(tiny):
+    model, tok = tiny
+    s = Sampling(max_new_tokens=6, temperature=1.0, top_p=1.0, batch_size=2, seed=7)
+    a = [g.text for g in generate(model, tok, CONVS, s)]
+    b = [g.text for g in generate(model, tok, CONVS, s)]
+    c = [g.text for g in generate(model, tok, CONVS, s.model_copy(update={"seed": 8}))]
+    assert a == b and a != c
+
+
+def test_next_token_mass_matches_softmax(tiny):
+    import torch
+
+    model, tok = tiny
+    texts = [render(tok, c) for c in CONVS]
+    cands = [[10, 11], [12]]
+    got = next_token_mass(model, tok, texts, cands, batch_size=2)
+    for t, row in zip(texts, got):
+        ids = tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            p = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+        assert row[0] == pytest.approx(float(p[10] + p[11]), rel=1e-4)
+        assert row[1] == pytest.approx(float(p[12]), rel=1e-4)
