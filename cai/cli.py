@@ -102,7 +102,7 @@ def cons_schema(to: Optional[Path] = typer.Option(None, "--out", help="Write her
 @round_app.command("run")
 def round_run(
     constitution: Path = typer.Option(DEFAULT_CONSTITUTION, help="Constitution YAML."),
-    prompts: str = typer.Option(..., help="Prompts: .jsonl, .parquet, a dataset folder, or a shipped set (sample, red-team, helpful, borderline, all)."),
+    prompts: Optional[str] = typer.Option(None, help="Prompts: .jsonl, .parquet, a dataset folder, or a shipped set (sample, red-team, helpful, borderline, all)."),
     model: str = typer.Option("smollm2-135m", help="Model spec: smollm2-135m, a local folder, or a cached hub id."),
     stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default respond,critique)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N prompts."),
@@ -112,17 +112,25 @@ def round_run(
     batch_size: int = typer.Option(16, min=1, help="Generation batch size."),
     shard_size: int = typer.Option(32, min=1, help="Prompts per shard."),
     seed: int = typer.Option(0, help="Round seed."),
+    judge: Optional[str] = typer.Option(None, help="Feedback model spec (default: the policy's base model)."),
+    pairs: Optional[str] = typer.Option(None, help="Label an existing responses file (JSONL: prompt + responses: [a, b])."),
+    principles_per_pair: int = typer.Option(4, min=1, help="Principles sampled per pair for labeling."),
+    min_margin: float = typer.Option(0.1, min=0, max=0.99, help="Pairs with a smaller label margin stay out of training data."),
+    cot: bool = typer.Option(False, "--cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6]."),
 ) -> None:
     """Run a round here, in process (no queue), writing the round folder."""
     from cai import rounds
     from cai.critique import CritiqueSettings
+    from cai.feedback import LabelSettings
     from cai.generation import Sampling
 
     cfg = rounds.prepare(
         out_dir, constitution_path=str(constitution), prompts_spec=prompts, model=model,
         stages=rounds.parse_stages(stages), limit=limit, shard_size=shard_size, seed=seed,
         sampling=Sampling(max_new_tokens=max_new_tokens, batch_size=batch_size),
-        critique=CritiqueSettings(passes=passes),
+        critique=CritiqueSettings(passes=passes), judge=judge, pairs_path=pairs,
+        label=LabelSettings(principles_per_pair=principles_per_pair, min_margin=min_margin, chain_of_thought=cot,
+                            batch_size=batch_size),
     )
     err.print(f"round {cfg.round_id} -> {out_dir}")
     _run_with_progress(out_dir)
@@ -155,7 +163,8 @@ def demo(out_dir: Path = typer.Option(Path("rounds/demo"), "--out")) -> None:
 
         out_dir = out_dir.parent / store.new_round_id()
     round_run(constitution=DEFAULT_CONSTITUTION, prompts="sample", model="smollm2-135m", stages=None, limit=None,
-              out_dir=out_dir, passes=1, max_new_tokens=64, batch_size=16, shard_size=32, seed=0)
+              out_dir=out_dir, passes=1, max_new_tokens=64, batch_size=16, shard_size=32, seed=0, judge=None,
+              pairs=None, principles_per_pair=4, min_margin=0.1, cot=False)
 
 
 def main() -> None:

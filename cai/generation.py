@@ -4,7 +4,14 @@ Takes a (model, tokenizer) pair and lists of chat conversations. Generation sort
 conversations by length, batches them with left padding, samples with a seed per batch
 and returns texts, token counts and whether each finished (EOS) inside max_new_tokens.
 Scoring runs one forward pass per batch and returns the probability mass that the next
-token puts on each set of candidate token ids. Knows nothing about principles or rounds.
+token puts on each set of candidate token ids.
+
+Rows that share a long token prefix (the system prompt and few-shot examples) share its
+KV cache: the prefix is computed once per call and each row only pays for its own
+suffix. The layout is [prefix][left padding][suffix]; positions follow the attention
+mask, so the result is the same as without the cache.
+
+Knows nothing about principles or rounds.
 """
 
 from __future__ import annotations
@@ -37,6 +44,44 @@ def render(tok, conversation: list[dict], add_generation_prompt: bool = True) ->
     return tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+MIN_SHARED = 16  # shorter common prefixes are not worth a cache
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix all rows share, leaving at least one token per row."""
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for j in range(n):
+        t = first[j]
+        if any(s[j] != t for s in seqs):
+            return j
+    return max(n, 0)
+
+
+def _prefix_cache(model, prefix: list[int], device):
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+
+
+def _batch_inputs(tok, rows: list[list[int]], prefix: list[int], cache, device):
+    """input_ids/attention_mask laid out as [prefix][left pad][suffix], and a cache for them."""
+    import copy
+
+    import torch
+
+    P = len(prefix)
+    batch = tok.pad({"input_ids": [r[P:] for r in rows]}, return_tensors="pt", padding_side="left")
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    if not P:
+        return ids, mask, None
+    B = ids.shape[0]
+    pre = torch.tensor([prefix], device=device).expand(B, -1)
+    c = copy.deepcopy(cache)
+    c.batch_repeat_interleave(B)
+    return torch.cat([pre, ids], 1), torch.cat([torch.ones_like(pre), mask], 1), c
+
+
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -51,9 +96,14 @@ def generate(model, tok, conversations: list[list[dict]], sampling: Sampling, *,
     out: list[Generation | None] = [None] * len(texts)
     eos = {tok.eos_token_id} | ({model.generation_config.eos_token_id} if isinstance(model.generation_config.eos_token_id, int) else set(model.generation_config.eos_token_id or []))
     device = next(model.parameters()).device
+    P = _common_prefix(enc) if enc else 0
+    prefix = enc[0][:P] if P >= MIN_SHARED else []
+    cache = _prefix_cache(model, prefix, device) if prefix else None
     for b, idx in enumerate(_batches([len(e) for e in enc], sampling.batch_size)):
-        batch = tok.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt", padding_side="left")
-        batch = {k: v.to(device) for k, v in batch.items()}
+        ids, mask, c = _batch_inputs(tok, [enc[i] for i in idx], prefix, cache, device)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if c is not None:
+            batch["cache"] = c
         torch.manual_seed(sampling.seed * 1_000_003 + b)
         kw = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tok.pad_token_id)
         if sampling.temperature > 0:
@@ -83,11 +133,15 @@ def next_token_mass(model, tok, texts: list[str], candidates: list[list[int]], b
     out: list[list[float] | None] = [None] * len(texts)
     device = next(model.parameters()).device
     cand = [torch.tensor(c, device=device) for c in candidates]
+    P = _common_prefix(enc) if enc else 0
+    prefix = enc[0][:P] if P >= MIN_SHARED else []
+    cache = _prefix_cache(model, prefix, device) if prefix else None
     for idx in _batches([len(e) for e in enc], batch_size):
-        batch = tok.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt", padding_side="left")
-        batch = {k: v.to(device) for k, v in batch.items()}
+        ids, mask, c = _batch_inputs(tok, [enc[i] for i in idx], prefix, cache, device)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            logits = model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+            logits = model(input_ids=ids[:, len(prefix):], attention_mask=mask, position_ids=pos[:, len(prefix):],
+                           cache=c, logits_to_keep=1).logits[:, -1, :].float()
         probs = torch.softmax(logits, dim=-1)
         for row, i in enumerate(idx):
             out[i] = [float(probs[row, c].sum()) for c in cand]

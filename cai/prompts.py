@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cai.constitution import read_text
+from cai.yamlio import read_text
 from cai.errors import InputError
 
 SHIPPED = {"red-team": ["red_team"], "helpful": ["helpful"], "borderline": ["borderline"], "sample": ["sample"],
@@ -142,3 +142,28 @@ def load(spec: str | Path, *, max_chars: int = MAX_CHARS, limit: int | None = No
     if not prompts:
         raise InputError(f"{spec}: the prompt set is empty; add at least one prompt")
     return PromptSet(source=spec, prompts=prompts, duplicates_dropped=dups)
+
+
+def load_pairs(path: str | Path, *, max_chars: int = MAX_CHARS, limit: int | None = None) -> list[dict]:
+    """A responses file for labeling alone: JSONL rows of a prompt (or messages) and
+    `responses: [a, b]` (the format of datasets/pairs.jsonl). Errors name the line."""
+    path = Path(path).expanduser()
+    rows = []
+    for n, line in enumerate(read_text(path, "pairs file").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
+        messages, category = _to_messages(obj, where, max_chars)
+        resp = obj.get("responses")
+        if not (isinstance(resp, list) and len(resp) == 2 and all(isinstance(x, str) and x.strip() for x in resp)):
+            raise InputError(f"{where}: needs 'responses': [two non-empty strings] to compare")
+        rows.append({"prompt_id": prompt_id(messages), "messages": messages, "category": category, "responses": resp})
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise InputError(f"{path}: the pairs file is empty; add at least one row")
+    return rows

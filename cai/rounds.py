@@ -26,12 +26,13 @@ from cai import models as models_mod
 from cai import prompts as prompts_mod
 from cai import store
 from cai.critique import CritiqueSettings
+from cai.feedback import LabelSettings, check_judge
 from cai.errors import InputError
 from cai.generation import Sampling
 
 STAGES = ["respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy", "evaluate"]
 SHARDED = {"respond", "critique", "pairs", "label"}
-AVAILABLE = {"respond", "critique"}
+AVAILABLE = {"respond", "critique", "pairs", "label"}
 Stage = Literal["respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy", "evaluate"]
 
 
@@ -48,6 +49,9 @@ class RoundConfig(BaseModel):
     seed: int = 0
     sampling: Sampling = Field(default_factory=Sampling)
     critique: CritiqueSettings = Field(default_factory=CritiqueSettings)
+    judge: str | None = Field(None, description="Feedback model spec; default: the policy's base model.")
+    label: LabelSettings = Field(default_factory=LabelSettings)
+    pairs_input: bool = Field(False, description="Pairs came from a user file (inputs/pairs.jsonl), not the pairs stage.")
     parent: str | None = None
     created: float = Field(default_factory=time.time)
 
@@ -60,6 +64,8 @@ def parse_stages(text: str | None) -> list[str]:
     if bad:
         raise InputError(f"--stages: unknown stage {', '.join(bad)}; choose from {', '.join(STAGES)}")
     missing = [s for s in stages if s not in AVAILABLE]
+    if "critique" in stages and "respond" not in stages:
+        raise InputError("--stages: critique needs respond in the same round")
     if missing:
         raise InputError(f"--stages: {', '.join(missing)} not available in this version; available: {', '.join(sorted(AVAILABLE, key=STAGES.index))}")
     return sorted(set(stages), key=STAGES.index)
@@ -68,39 +74,63 @@ def parse_stages(text: str | None) -> list[str]:
 # ---------------------------------------------------------------- preparing
 
 
-def prepare(out: Path, *, constitution_path: str, prompts_spec: str, model: str, stages: list[str],
+def prepare(out: Path, *, constitution_path: str, prompts_spec: str | None, model: str, stages: list[str],
             limit: int | None = None, shard_size: int = 32, seed: int = 0, sampling: Sampling | None = None,
-            critique: CritiqueSettings | None = None, parent: str | None = None, round_id: str | None = None) -> RoundConfig:
-    """Validate every input (cheap, no torch), then write the round folder's fixed part.
+            critique: CritiqueSettings | None = None, judge: str | None = None, label: LabelSettings | None = None,
+            pairs_path: str | None = None, parent: str | None = None, round_id: str | None = None) -> RoundConfig:
+    """Validate every input, then write the round folder's fixed part.
 
-    Raises InputError listing every problem found before anything is written.
+    Raises InputError listing every problem found before anything is written or loaded.
+    Only when the label stage is asked for does this load the judge's tokenizer (not
+    its weights), to check that it can spell the choice letters.
     """
     problems: list[str] = []
     cons = ps = None
-    try:
-        cons = constitution_mod.load(constitution_path)
-    except InputError as e:
-        problems += e.problems
-    try:
-        ps = prompts_mod.load(prompts_spec, limit=limit)
-    except InputError as e:
-        problems += e.problems
-    try:
-        models_mod.resolve(model)
-    except InputError as e:
-        problems += e.problems
+    pair_rows: list[dict] | None = None
+
+    def check(fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except InputError as e:
+            problems.extend(e.problems)
+
+    cons = check(constitution_mod.load, constitution_path)
+    if pairs_path:
+        pair_rows = check(prompts_mod.load_pairs, pairs_path, limit=limit)
+        if pair_rows is not None:
+            ps = prompts_mod.PromptSet(source=pairs_path, prompts=[prompts_mod.Prompt(id=r["prompt_id"], messages=r["messages"], category=r.get("category")) for r in pair_rows])
+    elif prompts_spec is None:
+        problems.append("--prompts: required (or --pairs FILE for a label-only round)")
+    else:
+        ps = check(prompts_mod.load, prompts_spec, limit=limit)
+    check(models_mod.resolve, model)
+    judge_r = check(models_mod.resolve, judge) if judge else None
+    if "label" in stages and "pairs" not in stages and not pairs_path:
+        problems.append("--stages: label needs pairs: add the pairs stage or give --pairs FILE")
+    if pairs_path and "pairs" in stages:
+        problems.append("--pairs: a pairs file replaces the pairs stage; drop pairs from --stages")
+    if "label" in stages and cons is not None:
+        check(check_judge, cons)
     if problems:
         raise InputError(problems)
+    if "label" in stages:
+        from cai.feedback import choice_token_ids
+
+        r = judge_r or models_mod.resolve(model)
+        choice_token_ids(models_mod.load_tokenizer(r))
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: folder is not empty; choose a new --out or remove it")
     cfg = RoundConfig(
-        round_id=round_id or store.new_round_id(), model=model, prompts_source=str(prompts_spec), stages=stages,
+        round_id=round_id or store.new_round_id(), model=model, prompts_source=str(pairs_path or prompts_spec), stages=stages,
         shard_size=shard_size, seed=seed, sampling=(sampling or Sampling()).model_copy(update={"seed": seed}),
-        critique=critique or CritiqueSettings(), parent=parent,
+        critique=critique or CritiqueSettings(), judge=judge, label=label or LabelSettings(),
+        pairs_input=bool(pairs_path), parent=parent,
     )
     out.mkdir(parents=True, exist_ok=True)
     store.write_text(out / "constitution.yaml", cons.to_yaml())
     store.write_jsonl(out / "inputs" / "prompts.jsonl", [p.model_dump() for p in ps.prompts])
+    if pair_rows is not None:
+        store.write_jsonl(out / "inputs" / "pairs.jsonl", pair_rows)
     store.write_json(out / store.ROUND_FILE, cfg.model_dump(mode="json"))
     write_manifest(out)
     return cfg
@@ -147,6 +177,8 @@ def stage_output(round_dir: Path, stage: str) -> Path:
     return {
         "respond": round_dir / "datasets" / "responses.jsonl",
         "critique": round_dir / "datasets" / "sft.jsonl",
+        "pairs": round_dir / "datasets" / "pairs.jsonl",
+        "label": round_dir / "datasets" / "preferences.jsonl",
     }[stage]
 
 
@@ -164,9 +196,13 @@ def stage_done(round_dir: Path, stage: str) -> bool:
     return stage_output(round_dir, stage).exists()
 
 
-def _needs(unit: Unit) -> list[Unit]:
+def _needs(unit: Unit, cfg: RoundConfig) -> list[Unit]:
     if unit.stage == "critique":
         return [Unit(stage="respond", shard=unit.shard)]
+    if unit.stage == "pairs" and "train-sft" in cfg.stages:
+        return [Unit(stage="train-sft")]
+    if unit.stage == "label" and not cfg.pairs_input:
+        return [Unit(stage="pairs", shard=unit.shard)]
     return []
 
 
@@ -176,7 +212,7 @@ def runnable(round_dir: Path, cfg: RoundConfig | None = None) -> list[Unit]:
     out = []
     for stage in cfg.stages:
         for u in units_of(round_dir, stage, cfg):
-            if not is_done(round_dir, u) and all(is_done(round_dir, n) for n in _needs(u)):
+            if not is_done(round_dir, u) and all(is_done(round_dir, n) for n in _needs(u, cfg)):
                 out.append(u)
     return out
 
@@ -187,6 +223,22 @@ def finished(round_dir: Path, cfg: RoundConfig | None = None) -> bool:
 
 
 # ---------------------------------------------------------------- running
+
+
+def judge_spec(cfg: RoundConfig) -> str:
+    """The feedback model: configured, else the policy's base model (never its adapter)."""
+    if cfg.judge:
+        return cfg.judge
+    r = models_mod.resolve(cfg.model)
+    return models_mod.EMBEDDED if r.embedded else r.base
+
+
+def policy_adapter(round_dir: Path, relative: bool = False) -> str | None:
+    """The round's SFT adapter once it exists (pairs are sampled from it), else None."""
+    p = round_dir / "adapters" / "sft"
+    if not (p / "adapter_config.json").exists():
+        return None
+    return "adapters/sft" if relative else str(p)
 
 
 def provenance(cfg: RoundConfig, cons_hash: str, stage: str) -> dict:
@@ -207,11 +259,11 @@ class ModelCache:
         self._key: tuple | None = None
         self._value = None
 
-    def get(self, spec: str, four_bit: bool = False):
-        key = (spec, four_bit)
+    def get(self, spec: str, four_bit: bool = False, adapter: str | None = None):
+        key = (spec, four_bit, adapter)
         if self._key != key:
             self._value = None
-            self._value = models_mod.load(spec, four_bit=four_bit)
+            self._value = models_mod.load(spec, four_bit=four_bit, adapter=adapter)
             self._key = key
         return self._value
 
@@ -241,6 +293,29 @@ def run_unit(round_dir: Path, unit: Unit, cache: ModelCache, meta: dict | None =
         prov = {**provenance(cfg, cons.hash, "critique"), "passes": cfg.critique.passes}
         sft, crit = critique.critique_revise(model, tok, cons, responses, cfg.critique, sampling, prov)
         payload = {"sft": sft, "critiques": crit}
+    elif unit.stage == "pairs":
+        from cai import feedback
+
+        prompts = _shard(load_prompts(round_dir), cfg, unit.shard)
+        model, tok = cache.get(cfg.model, adapter=policy_adapter(round_dir))
+        sampling = cfg.sampling.model_copy(update={"seed": cfg.seed * 10_000 + 5_000 + unit.shard})
+        rows, identical = feedback.sample_pairs(model, tok, prompts, sampling)
+        prov = {**provenance(cfg, cons.hash, "pairs"), "policy_adapter": policy_adapter(round_dir, relative=True)}
+        for r in rows:
+            r["provenance"] = prov
+        payload = {"rows": rows, "identical_skipped": identical}
+    elif unit.stage == "label":
+        from cai import feedback
+
+        if cfg.pairs_input:
+            pairs = _shard(store.read_jsonl(round_dir / "inputs" / "pairs.jsonl"), cfg, unit.shard)
+        else:
+            pairs = store.read_json(unit_output(round_dir, Unit(stage="pairs", shard=unit.shard)))["rows"]
+        judge = judge_spec(cfg)
+        model, tok = cache.get(judge)
+        prov = {**provenance(cfg, cons.hash, "label"), "judge": judge, "settings": cfg.label.model_dump(mode="json")}
+        rows = feedback.label_pairs(model, tok, cons, pairs, cfg.label, cfg.seed, prov) if pairs else []
+        payload = {"rows": rows}
     else:
         raise InputError(f"stage {unit.stage} is not available in this version")
     payload["meta"] = {"seconds": round(time.time() - started, 3), "finished_at": time.time(), **(meta or {})}
@@ -258,8 +333,13 @@ def finalize(round_dir: Path, stage: str) -> bool:
     if stage_done(round_dir, stage) or not all(is_done(round_dir, u) for u in units):
         return False
     parts = [store.read_json(unit_output(round_dir, u)) for u in units]
-    if stage == "respond":
+    if stage in ("respond", "pairs"):
         store.write_jsonl(stage_output(round_dir, stage), [r for p in parts for r in p["rows"]])
+    elif stage == "label":
+        rows = [r for p in parts for r in p["rows"]]
+        store.write_jsonl(round_dir / "datasets" / "labels.jsonl", rows)
+        keep = [r for r in rows if r["valid"] and r["margin"] >= cfg.label.min_margin]
+        store.write_jsonl(stage_output(round_dir, stage), keep)
     elif stage == "critique":
         store.write_jsonl(round_dir / "datasets" / "critiques.jsonl", [r for p in parts for r in p["critiques"]])
         store.write_jsonl(stage_output(round_dir, stage), [r for p in parts for r in p["sft"]])
@@ -309,6 +389,15 @@ def counts(round_dir: Path) -> dict:
         c["revisions_accepted"] = len(rows) - sum(why.values())
         c["sft_rows"] = len(sft)
         c["sft_dropped_no_accepted_revision"] = c["prompts"] - len(sft)
+    pairs = round_dir / "work" / "pairs"
+    if stage_done(round_dir, "pairs"):
+        parts = [store.read_json(f) for f in sorted(pairs.glob("*.json"))]
+        c["pairs"] = sum(len(p["rows"]) for p in parts)
+        c["pairs_identical_skipped"] = sum(p["identical_skipped"] for p in parts)
+    if stage_done(round_dir, "label"):
+        from cai.feedback import judge_stats
+
+        c["judge"] = judge_stats(store.read_jsonl(round_dir / "datasets" / "labels.jsonl"), load_config(round_dir).label)
     return c
 
 
@@ -338,7 +427,7 @@ def write_manifest(round_dir: Path, extra: dict | None = None) -> dict:
         "config": cfg.model_dump(mode="json"),
         "constitution": {"name": cons.name, "hash": cons.hash, "snapshot": "constitution.yaml",
                          "principles": [p.id for p in cons.principles]},
-        "models": {"policy": cfg.model},
+        "models": {"policy": cfg.model, **({"judge": judge_spec(cfg)} if "label" in cfg.stages else {})},
         "seeds": {"round": cfg.seed},
         "versions": _versions(),
         "stages": stage_status(round_dir, cfg),

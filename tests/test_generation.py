@@ -38,3 +38,23 @@ def test_next_token_mass_matches_softmax(tiny):
             p = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
         assert row[0] == pytest.approx(float(p[10] + p[11]), rel=1e-4)
         assert row[1] == pytest.approx(float(p[12]), rel=1e-4)
+
+
+def test_shared_prefix_cache_changes_nothing(tiny, monkeypatch):
+    from cai import generation
+
+    model, tok = tiny
+    shots = [{"role": "user", "content": "Example question about cooking pasta well?"},
+             {"role": "assistant", "content": "Boil salted water, cook the pasta until al dente, then drain it."}] * 3
+    convs = [shots + c[-1:] for c in CONVS]
+    s = Sampling(max_new_tokens=6, temperature=0, batch_size=2)
+    enc = [tok(render(tok, c), add_special_tokens=False)["input_ids"] for c in convs]
+    assert generation._common_prefix(enc) >= 60
+    cached = [g.text for g in generate(model, tok, convs, s)]
+    texts = [render(tok, c) for c in convs]
+    mass_cached = next_token_mass(model, tok, texts, [[10], [11]], batch_size=2)
+    monkeypatch.setattr(generation, "MIN_SHARED", 10**9)
+    assert [g.text for g in generate(model, tok, convs, s)] == cached
+    plain = next_token_mass(model, tok, texts, [[10], [11]], batch_size=2)
+    for a, b in zip(mass_cached, plain):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-9)

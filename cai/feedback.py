@@ -1,0 +1,210 @@
+"""Stages 4-5: sample response pairs, then label them with AI feedback (RLAIF).
+
+The judge reads the conversation, both responses as (A) and (B) and one principle's
+preference question, with worked examples in front (built from the constitution's
+few-shot critique/revision pairs: the revision is the better answer). The label is read
+from the next-token probabilities of the choice letters in one forward pass, summed
+over every token that spells the letter; the mass that fell on the letters at all is
+recorded, and an evaluation whose mass is below `min_mass` is invalid. Each pair is
+judged in both orders and under k sampled principles, and the probabilities averaged.
+
+Knows the constitution and the generation helpers; knows nothing about files or queues.
+"""
+
+from __future__ import annotations
+
+import random
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai.constitution import Constitution, Principle
+from cai.errors import InputError
+from cai.generation import Sampling, generate, next_token_mass, render
+from cai.prompts import Prompt
+
+ANSWER_PREFIX = "The better response is ("
+COT_PREFIX = "Let's think step by step."
+
+
+class LabelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    principles_per_pair: int = Field(4, ge=1, description="k principles sampled (weighted) per pair.")
+    few_shot: int = Field(2, ge=0)
+    min_mass: float = Field(0.05, ge=0, lt=1, description="Below this mass on A/B an evaluation is invalid.")
+    min_margin: float = Field(0.1, ge=0, lt=1, description="Pairs with margin = 2*p_chosen-1 below this stay out of training data.")
+    chain_of_thought: bool = False
+    cot_max_new_tokens: int = Field(64, gt=0)
+    clamp: tuple[float, float] = (0.4, 0.6)  # applied to chain-of-thought probabilities only
+    batch_size: int = Field(16, gt=0)
+
+
+# ---------------------------------------------------------------- pairs
+
+
+def sample_pairs(model, tok, prompts: list[Prompt], sampling: Sampling) -> tuple[list[dict], int]:
+    """Two sampled responses per prompt (one batched call); identical pairs skipped and counted."""
+    convs = [p.messages for p in prompts for _ in (0, 1)]
+    gens = generate(model, tok, convs, sampling)
+    rows, identical = [], 0
+    for i, p in enumerate(prompts):
+        a, b = gens[2 * i], gens[2 * i + 1]
+        if " ".join(a.text.split()) == " ".join(b.text.split()):
+            identical += 1
+            continue
+        rows.append({"prompt_id": p.id, "messages": p.messages, "category": p.category,
+                     "responses": [a.text, b.text], "finished": [a.finished, b.finished]})
+    return rows, identical
+
+
+# ---------------------------------------------------------------- the judge
+
+
+def choice_token_ids(tok) -> tuple[list[int], list[int]]:
+    """Every vocabulary id whose text is the letter A (or B), ignoring spaces: ' A', 'A', ..."""
+    ids: dict[str, list[int]] = {"A": [], "B": []}
+    vocab = tok.get_vocab()
+    for tid in sorted(vocab.values()):
+        s = tok.decode([tid]).strip()
+        if s in ids:
+            ids[s].append(tid)
+    if not ids["A"] or not ids["B"]:
+        missing = [k for k in "AB" if not ids[k]]
+        raise InputError(f"judge tokenizer has no token that spells {' or '.join(missing)}; choose another --judge model")
+    return ids["A"], ids["B"]
+
+
+def check_judge(constitution: Constitution, tok=None) -> None:
+    """Refuse, before any work, a constitution or judge the label stage cannot use."""
+    missing = [p.id for p in constitution.principles if not p.preference_question]
+    if missing:
+        raise InputError(f"constitution: principle(s) {', '.join(missing)} have no preference_question; "
+                         "the label stage needs one for every principle")
+    if tok is not None:
+        choice_token_ids(tok)
+
+
+def _transcript(messages: list[dict]) -> str:
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in messages)
+
+
+def judge_question(messages: list[dict], question: str, a: str, b: str) -> str:
+    return (f"Consider the following conversation between a human and an assistant:\n\n{_transcript(messages)}\n\n"
+            f"{question}\n\n(A) {a}\n\n(B) {b}\n\nAnswer with A or B.")
+
+
+def _few_shot_turns(constitution: Constitution, k: int) -> list[dict]:
+    turns = []
+    for i, ex in enumerate(constitution.few_shot[:k]):
+        p = constitution.principle(ex.principle) if ex.principle else constitution.principles[0]
+        better_is_a = i % 2 == 1  # alternate positions so the examples teach no position
+        a, b = (ex.revision, ex.response) if better_is_a else (ex.response, ex.revision)
+        q = judge_question([{"role": "user", "content": ex.prompt}], p.preference_question or "", a, b)
+        turns += [{"role": "user", "content": q},
+                  {"role": "assistant", "content": f"{ANSWER_PREFIX}{'A' if better_is_a else 'B'})."}]
+    return turns
+
+
+def sample_judge_principles(constitution: Constitution, k: int, seed: int, prompt_id: str) -> list[Principle]:
+    """k distinct principles, weighted, seeded by (seed, prompt): independent of sharding."""
+    rng = random.Random(f"label:{seed}:{prompt_id}")
+    pool = list(constitution.principles)
+    picked = []
+    while pool and len(picked) < k:
+        p = rng.choices(pool, weights=[x.weight for x in pool], k=1)[0]
+        picked.append(p)
+        pool.remove(p)
+    return picked
+
+
+def label_pairs(model, tok, constitution: Constitution, pairs: list[dict], settings: LabelSettings,
+                seed: int, provenance: dict) -> list[dict]:
+    """Label every pair: k principles x both orders, read from next-token log-probs.
+
+    Returns one row per pair with p_first (the probability that responses[0] is better),
+    chosen/rejected, p_chosen, margin, per-principle detail, and `valid`.
+    """
+    check_judge(constitution)
+    a_ids, b_ids = choice_token_ids(tok)
+    shots = _few_shot_turns(constitution, settings.few_shot)
+    # one evaluation = (pair, principle, order); order 0 shows responses[0] as A
+    evals: list[tuple[int, str, int]] = []
+    texts: list[str] = []
+    convs: list[list[dict]] = []
+    chosen_principles = []
+    for i, pair in enumerate(pairs):
+        ps = sample_judge_principles(constitution, settings.principles_per_pair, seed, pair["prompt_id"])
+        chosen_principles.append([p.id for p in ps])
+        r0, r1 = pair["responses"]
+        for p in ps:
+            for order, (a, b) in enumerate(((r0, r1), (r1, r0))):
+                conv = shots + [{"role": "user", "content": judge_question(pair["messages"], p.preference_question, a, b)}]
+                evals.append((i, p.id, order))
+                convs.append(conv)
+    if settings.chain_of_thought:
+        reasoning = generate(model, tok, convs, Sampling(max_new_tokens=settings.cot_max_new_tokens, temperature=0,
+                                                         batch_size=settings.batch_size),
+                             prefixes=[COT_PREFIX] * len(convs))
+        texts = [render(tok, c) + COT_PREFIX + " " + r.text + "\n" + ANSWER_PREFIX for c, r in zip(convs, reasoning)]
+    else:
+        texts = [render(tok, c) + ANSWER_PREFIX for c in convs]
+    masses = next_token_mass(model, tok, texts, [a_ids, b_ids], batch_size=settings.batch_size)
+
+    detail: list[dict[str, dict]] = [{} for _ in pairs]
+    for (i, pid, order), (ma, mb) in zip(evals, masses):
+        total = ma + mb
+        p_a = ma / total if total > 0 else 0.5
+        if settings.chain_of_thought:
+            p_a = min(max(p_a, settings.clamp[0]), settings.clamp[1])
+        p_first = p_a if order == 0 else 1 - p_a  # probability that responses[0] is better
+        d = detail[i].setdefault(pid, {})
+        d[f"p_first_order{order}"] = p_first
+        d[f"mass_order{order}"] = total
+    rows = []
+    for i, pair in enumerate(pairs):
+        per = []
+        for pid in chosen_principles[i]:
+            d = detail[i][pid]
+            valid = min(d["mass_order0"], d["mass_order1"]) >= settings.min_mass
+            per.append({"principle": pid, "p_first_order0": d["p_first_order0"], "p_first_order1": d["p_first_order1"],
+                        "mass_order0": d["mass_order0"], "mass_order1": d["mass_order1"], "valid": valid,
+                        "consistent": (d["p_first_order0"] > 0.5) == (d["p_first_order1"] > 0.5),
+                        "p_first": (d["p_first_order0"] + d["p_first_order1"]) / 2})
+        good = [x for x in per if x["valid"]]
+        valid = bool(good)
+        p_first = sum(x["p_first"] for x in good) / len(good) if good else 0.5
+        first_wins = p_first >= 0.5
+        p_chosen = p_first if first_wins else 1 - p_first
+        r_c, r_r = (0, 1) if first_wins else (1, 0)
+        rows.append({
+            "prompt": pair["messages"],
+            "chosen": [{"role": "assistant", "content": pair["responses"][r_c]}],
+            "rejected": [{"role": "assistant", "content": pair["responses"][r_r]}],
+            "p_chosen": p_chosen, "margin": 2 * p_chosen - 1, "valid": valid,
+            "prompt_id": pair["prompt_id"], "category": pair.get("category"),
+            "p_first": p_first, "chosen_index": r_c,
+            "principles": [{**x, "p_chosen": x["p_first"] if r_c == 0 else 1 - x["p_first"]} for x in per],
+            "provenance": {**provenance, "principles": chosen_principles[i], "seed": seed,
+                           "mode": "chain-of-thought" if settings.chain_of_thought else "log-prob"},
+        })
+    return rows
+
+
+def judge_stats(rows: list[dict], settings: LabelSettings) -> dict:
+    """The judge's figures for the manifest."""
+    evals = [x for r in rows for x in r["principles"]]
+    kept = [r for r in rows if r["valid"] and r["margin"] >= settings.min_margin]
+    bins = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
+    hist = {f"{lo:.1f}-{min(hi, 1):.1f}": sum(1 for r in rows if r["valid"] and lo <= r["p_chosen"] < hi)
+            for lo, hi in zip(bins, bins[1:])}
+    return {
+        "pairs_labeled": len(rows),
+        "pairs_invalid": sum(1 for r in rows if not r["valid"]),
+        "pairs_below_margin": sum(1 for r in rows if r["valid"] and r["margin"] < settings.min_margin),
+        "pairs_kept": len(kept),
+        "position_consistency": round(sum(x["consistent"] for x in evals) / len(evals), 4) if evals else None,
+        "mean_choice_mass": round(sum((x["mass_order0"] + x["mass_order1"]) / 2 for x in evals) / len(evals), 4) if evals else None,
+        "p_chosen_distribution": hist,
+        "min_margin": settings.min_margin,
+    }

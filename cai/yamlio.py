@@ -1,0 +1,152 @@
+"""Safe YAML → pydantic with errors that name file, line, column and field path.
+
+Refuses YAML tags that construct objects, anchors/aliases (no expansion bombs) and
+oversized files; maps each pydantic error back to the YAML node it came from. Knows
+nothing about what the models mean.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from cai.errors import InputError
+
+MAX_BYTES = 1_000_000
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases (no 'billion laughs' expansions)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            raise yaml.MarkedYAMLError(None, None, "aliases (*name) are not allowed here; write the value out", ev.start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """Read a UTF-8 text file or raise InputError naming the bad byte's line."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such {what}; check the path") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a {what}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+
+
+def _node_at(node, loc: tuple):
+    for part in loc:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            hit = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+            if hit is None:
+                return node
+            node = hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+    return node
+
+
+def _key_node(node, loc: tuple):
+    parent = _node_at(node, loc[:-1])
+    if isinstance(parent, yaml.MappingNode):
+        for k, _ in parent.value:
+            if getattr(k, "value", None) == loc[-1]:
+                return k
+    return parent
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that holds the last key of loc (for 'allowed keys')."""
+    cur: typing.Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        for arg in (ann, *typing.get_args(ann)):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                cur = arg
+                break
+        else:
+            cur = None
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _friendly(err: dict) -> str:
+    kind, loc = err["type"], err["loc"]
+    if kind == "missing":
+        return f"missing required key '{loc[-1]}'"
+    if kind == "string_pattern_mismatch":
+        return f"{err['input']!r} is not a valid id: use only lowercase a-z, 0-9, '-' and '_'"
+    if kind == "too_short":
+        return "must not be empty" + ("; add at least one principle" if loc == ("principles",) else "")
+    if kind == "greater_than":
+        return f"must be greater than {err['ctx']['gt']} (got {err['input']})"
+    return err["msg"]
+
+
+def parse(text: str, source: str, cls: type[BaseModel], what: str = "file"):
+    """Parse YAML text into cls; InputError with one line per problem."""
+    if len(text.encode()) > MAX_BYTES:
+        raise InputError(f"{source}: file is larger than {MAX_BYTES} bytes; a {what} should be small")
+    try:
+        root = yaml.compose(text, Loader=_NoAliasLoader)
+        data = yaml.load(text, Loader=_NoAliasLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        msg = (e.problem or str(e)).strip()
+        if isinstance(e, yaml.constructor.ConstructorError) and "tag" in msg:
+            msg = f"{msg}; YAML tags that construct objects are not allowed, use plain strings"
+        raise InputError(f"{where}: invalid YAML: {msg}") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"{source}: invalid YAML: {e}") from None
+    if data is None:
+        raise InputError(f"{source}: the file is empty; expected a {what}")
+    if not isinstance(data, dict):
+        raise InputError(f"{source}:1:1: expected a mapping of keys for a {what}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            if err["type"] == "value_error":
+                # cross-field checks put the path first: "principles[2].id: ..."
+                msg = err["msg"].removeprefix("Value error, ")
+                m = re.match(r"^(\w+)\[(\d+)\]\.(\w+): ", msg)
+                if m:
+                    loc, msg = (m.group(1), int(m.group(2)), m.group(3)), msg[m.end():]
+                node = _node_at(root, loc)
+            elif err["type"] == "extra_forbidden":
+                node = _key_node(root, loc)
+                holder = _model_at(cls, loc[:-1])
+                allowed = list(holder.model_fields) if holder else []
+                msg = f"unknown key '{loc[-1]}'" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+            else:
+                node = _node_at(root, loc)
+                msg = _friendly(err)
+            mark = node.start_mark if node is not None else None
+            where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+            problems.append(f"{where}: {_fmt_loc(loc)}: {msg}")
+        raise InputError(problems) from None
