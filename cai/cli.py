@@ -104,7 +104,7 @@ def round_run(
     constitution: Path = typer.Option(DEFAULT_CONSTITUTION, help="Constitution YAML."),
     prompts: Optional[str] = typer.Option(None, help="Prompts: .jsonl, .parquet, a dataset folder, or a shipped set (sample, red-team, helpful, borderline, all)."),
     model: str = typer.Option("smollm2-135m", help="Model spec: smollm2-135m, a local folder, or a cached hub id."),
-    stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default respond,critique)."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default: all of respond,critique,train-sft,pairs,label,train-rm,train-policy)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N prompts."),
     out_dir: Path = typer.Option(..., "--out", help="Round folder to create (must be new or empty)."),
     passes: int = typer.Option(2, min=1, max=8, help="Critique-revise passes per prompt."),
@@ -117,6 +117,7 @@ def round_run(
     principles_per_pair: int = typer.Option(4, min=1, help="Principles sampled per pair for labeling."),
     min_margin: float = typer.Option(0.1, min=0, max=0.99, help="Pairs with a smaller label margin stay out of training data."),
     cot: bool = typer.Option(False, "--cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6]."),
+    recipe: str = typer.Option("cpu-tiny", help="Training recipe: cpu-tiny, gpu-8b, or a YAML path."),
 ) -> None:
     """Run a round here, in process (no queue), writing the round folder."""
     from cai import rounds
@@ -128,7 +129,7 @@ def round_run(
         out_dir, constitution_path=str(constitution), prompts_spec=prompts, model=model,
         stages=rounds.parse_stages(stages), limit=limit, shard_size=shard_size, seed=seed,
         sampling=Sampling(max_new_tokens=max_new_tokens, batch_size=batch_size),
-        critique=CritiqueSettings(passes=passes), judge=judge, pairs_path=pairs,
+        critique=CritiqueSettings(passes=passes), judge=judge, pairs_path=pairs, recipe=recipe,
         label=LabelSettings(principles_per_pair=principles_per_pair, min_margin=min_margin, chain_of_thought=cot,
                             batch_size=batch_size),
     )
@@ -164,7 +165,7 @@ def demo(out_dir: Path = typer.Option(Path("rounds/demo"), "--out")) -> None:
         out_dir = out_dir.parent / store.new_round_id()
     round_run(constitution=DEFAULT_CONSTITUTION, prompts="sample", model="smollm2-135m", stages=None, limit=None,
               out_dir=out_dir, passes=1, max_new_tokens=64, batch_size=16, shard_size=32, seed=0, judge=None,
-              pairs=None, principles_per_pair=4, min_margin=0.1, cot=False)
+              pairs=None, principles_per_pair=4, min_margin=0.1, cot=False, recipe="cpu-tiny")
 
 
 def main() -> None:

@@ -14,10 +14,14 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shutil
 import time
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
+
+import yaml
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,10 +33,12 @@ from cai.critique import CritiqueSettings
 from cai.feedback import LabelSettings, check_judge
 from cai.errors import InputError
 from cai.generation import Sampling
+from cai.train import recipe as recipe_mod
 
 STAGES = ["respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy", "evaluate"]
 SHARDED = {"respond", "critique", "pairs", "label"}
-AVAILABLE = {"respond", "critique", "pairs", "label"}
+AVAILABLE = {"respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy"}
+TRAINING = {"train-sft": "sft", "train-rm": "reward", "train-policy": "policy"}
 Stage = Literal["respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy", "evaluate"]
 
 
@@ -51,6 +57,7 @@ class RoundConfig(BaseModel):
     critique: CritiqueSettings = Field(default_factory=CritiqueSettings)
     judge: str | None = Field(None, description="Feedback model spec; default: the policy's base model.")
     label: LabelSettings = Field(default_factory=LabelSettings)
+    recipe: str = Field("cpu-tiny", description="Training recipe: a shipped name or a path (snapshot in recipe.yaml).")
     pairs_input: bool = Field(False, description="Pairs came from a user file (inputs/pairs.jsonl), not the pairs stage.")
     parent: str | None = None
     created: float = Field(default_factory=time.time)
@@ -58,7 +65,7 @@ class RoundConfig(BaseModel):
 
 def parse_stages(text: str | None) -> list[str]:
     if not text:
-        return ["respond", "critique"]
+        return sorted(AVAILABLE, key=STAGES.index)
     stages = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
@@ -66,6 +73,10 @@ def parse_stages(text: str | None) -> list[str]:
     missing = [s for s in stages if s not in AVAILABLE]
     if "critique" in stages and "respond" not in stages:
         raise InputError("--stages: critique needs respond in the same round")
+    if "train-sft" in stages and "critique" not in stages:
+        raise InputError("--stages: train-sft needs critique in the same round")
+    if ("train-rm" in stages or "train-policy" in stages) and "label" not in stages:
+        raise InputError("--stages: train-rm and train-policy need label in the same round")
     if missing:
         raise InputError(f"--stages: {', '.join(missing)} not available in this version; available: {', '.join(sorted(AVAILABLE, key=STAGES.index))}")
     return sorted(set(stages), key=STAGES.index)
@@ -77,7 +88,8 @@ def parse_stages(text: str | None) -> list[str]:
 def prepare(out: Path, *, constitution_path: str, prompts_spec: str | None, model: str, stages: list[str],
             limit: int | None = None, shard_size: int = 32, seed: int = 0, sampling: Sampling | None = None,
             critique: CritiqueSettings | None = None, judge: str | None = None, label: LabelSettings | None = None,
-            pairs_path: str | None = None, parent: str | None = None, round_id: str | None = None) -> RoundConfig:
+            pairs_path: str | None = None, recipe: str = "cpu-tiny", parent: str | None = None,
+            parent_policy: str | None = None, round_id: str | None = None) -> RoundConfig:
     """Validate every input, then write the round folder's fixed part.
 
     Raises InputError listing every problem found before anything is written or loaded.
@@ -104,6 +116,13 @@ def prepare(out: Path, *, constitution_path: str, prompts_spec: str | None, mode
     else:
         ps = check(prompts_mod.load, prompts_spec, limit=limit)
     check(models_mod.resolve, model)
+    rec = check(recipe_mod.load, recipe) if any(s in TRAINING for s in stages) else None
+    if rec is not None and rec.quant.four_bit:
+        why = models_mod.four_bit_available()
+        if why:
+            problems.append(f"recipe {rec.name}: quant.four_bit is on but {why}")
+    if parent_policy is not None and not (Path(parent_policy) / "adapter_config.json").exists():
+        problems.append(f"--parent: {parent_policy} has no policy adapter (adapter_config.json); the parent round must have finished train-policy")
     judge_r = check(models_mod.resolve, judge) if judge else None
     if "label" in stages and "pairs" not in stages and not pairs_path:
         problems.append("--stages: label needs pairs: add the pairs stage or give --pairs FILE")
@@ -124,13 +143,17 @@ def prepare(out: Path, *, constitution_path: str, prompts_spec: str | None, mode
         round_id=round_id or store.new_round_id(), model=model, prompts_source=str(pairs_path or prompts_spec), stages=stages,
         shard_size=shard_size, seed=seed, sampling=(sampling or Sampling()).model_copy(update={"seed": seed}),
         critique=critique or CritiqueSettings(), judge=judge, label=label or LabelSettings(),
-        pairs_input=bool(pairs_path), parent=parent,
+        pairs_input=bool(pairs_path), parent=parent, recipe=str(recipe),
     )
     out.mkdir(parents=True, exist_ok=True)
     store.write_text(out / "constitution.yaml", cons.to_yaml())
     store.write_jsonl(out / "inputs" / "prompts.jsonl", [p.model_dump() for p in ps.prompts])
     if pair_rows is not None:
         store.write_jsonl(out / "inputs" / "pairs.jsonl", pair_rows)
+    if rec is not None:
+        store.write_text(out / "recipe.yaml", yaml.safe_dump(rec.model_dump(mode="json"), sort_keys=False))
+    if parent_policy is not None:
+        shutil.copytree(parent_policy, out / "inputs" / "parent_policy")
     store.write_json(out / store.ROUND_FILE, cfg.model_dump(mode="json"))
     write_manifest(out)
     return cfg
@@ -162,11 +185,14 @@ class Unit(BaseModel):
 
 def n_shards(round_dir: Path, cfg: RoundConfig | None = None) -> int:
     cfg = cfg or load_config(round_dir)
-    n = sum(1 for line in (round_dir / "inputs" / "prompts.jsonl").read_text("utf-8").splitlines() if line.strip())
-    return max(1, math.ceil(n / cfg.shard_size))
+    p = round_dir / "inputs" / "prompts.jsonl"
+    n = max(1, math.ceil(_count_prompts(str(p), p.stat().st_mtime) / cfg.shard_size))
+    return n
 
 
 def unit_output(round_dir: Path, unit: Unit) -> Path:
+    if unit.stage in TRAINING:
+        return round_dir / "adapters" / TRAINING[unit.stage]
     if unit.shard is not None:
         return round_dir / "work" / unit.stage / f"{unit.shard:04d}.json"
     return round_dir / "work" / unit.stage / "done.json"
@@ -179,7 +205,15 @@ def stage_output(round_dir: Path, stage: str) -> Path:
         "critique": round_dir / "datasets" / "sft.jsonl",
         "pairs": round_dir / "datasets" / "pairs.jsonl",
         "label": round_dir / "datasets" / "preferences.jsonl",
+        "train-sft": round_dir / "adapters" / "sft",
+        "train-rm": round_dir / "adapters" / "reward",
+        "train-policy": round_dir / "adapters" / "policy",
     }[stage]
+
+
+@lru_cache(maxsize=256)
+def _count_prompts(path: str, mtime: float) -> int:
+    return sum(1 for line in Path(path).read_text("utf-8").splitlines() if line.strip())
 
 
 def units_of(round_dir: Path, stage: str, cfg: RoundConfig | None = None) -> list[Unit]:
@@ -196,13 +230,19 @@ def stage_done(round_dir: Path, stage: str) -> bool:
     return stage_output(round_dir, stage).exists()
 
 
-def _needs(unit: Unit, cfg: RoundConfig) -> list[Unit]:
+def needs(round_dir: Path, unit: Unit, cfg: RoundConfig) -> list[Unit]:
+    """The units whose outputs this unit reads."""
     if unit.stage == "critique":
         return [Unit(stage="respond", shard=unit.shard)]
     if unit.stage == "pairs" and "train-sft" in cfg.stages:
         return [Unit(stage="train-sft")]
     if unit.stage == "label" and not cfg.pairs_input:
         return [Unit(stage="pairs", shard=unit.shard)]
+    if unit.stage == "train-sft":
+        return [Unit(stage="critique", shard=k) for k in range(n_shards(round_dir, cfg))]
+    if unit.stage in ("train-rm", "train-policy"):
+        needs = [Unit(stage="label", shard=k) for k in range(n_shards(round_dir, cfg))]
+        return needs + ([Unit(stage="train-sft")] if unit.stage == "train-policy" and "train-sft" in cfg.stages else [])
     return []
 
 
@@ -212,7 +252,7 @@ def runnable(round_dir: Path, cfg: RoundConfig | None = None) -> list[Unit]:
     out = []
     for stage in cfg.stages:
         for u in units_of(round_dir, stage, cfg):
-            if not is_done(round_dir, u) and all(is_done(round_dir, n) for n in _needs(u, cfg)):
+            if not is_done(round_dir, u) and all(is_done(round_dir, n) for n in needs(round_dir, u, cfg)):
                 out.append(u)
     return out
 
@@ -259,6 +299,9 @@ class ModelCache:
         self._key: tuple | None = None
         self._value = None
 
+    def clear(self) -> None:
+        self._key = self._value = None
+
     def get(self, spec: str, four_bit: bool = False, adapter: str | None = None):
         key = (spec, four_bit, adapter)
         if self._key != key:
@@ -268,9 +311,22 @@ class ModelCache:
         return self._value
 
 
-def run_unit(round_dir: Path, unit: Unit, cache: ModelCache, meta: dict | None = None) -> bool:
-    """Do one unit and commit its output. Returns False if it was already done."""
+def run_unit(round_dir: Path, unit: Unit, cache: ModelCache, meta: dict | None = None,
+             guard: Callable[[], bool] | None = None) -> bool:
+    """Do one unit and commit its output. Returns False if it was already done, or if
+    `guard` (checked just before the commit, e.g. a lease's fencing token) says no."""
     from cai import critique
+
+    guard = guard or (lambda: True)
+    if unit.stage in TRAINING:
+        for stage in [s for s in ("critique", "label") if s in load_config(round_dir).stages]:
+            finalize(round_dir, stage)  # training reads the merged datasets
+        if is_done(round_dir, unit):
+            return False
+        cache.clear()  # free the generation model's memory before training
+        from cai.train import run as train_run
+
+        return train_run.run_stage(round_dir, unit.stage, guard=guard)
 
     if is_done(round_dir, unit):
         return False
@@ -320,7 +376,7 @@ def run_unit(round_dir: Path, unit: Unit, cache: ModelCache, meta: dict | None =
         raise InputError(f"stage {unit.stage} is not available in this version")
     payload["meta"] = {"seconds": round(time.time() - started, 3), "finished_at": time.time(), **(meta or {})}
     out = unit_output(round_dir, unit)
-    if out.exists():  # someone else committed while we worked: theirs stands
+    if out.exists() or not guard():  # someone else committed, or our lease is stale: theirs stands
         return False
     store.write_json(out, payload)
     return True
@@ -401,12 +457,31 @@ def counts(round_dir: Path) -> dict:
     return c
 
 
+def _unit_seconds(round_dir: Path, unit: Unit) -> float:
+    out = unit_output(round_dir, unit)
+    if unit.stage in TRAINING:
+        card = out / "cai.json"
+        return store.read_json(card).get("train", {}).get("seconds", 0) if card.exists() else 0
+    return store.read_json(out).get("meta", {}).get("seconds", 0)
+
+
+def training_metrics(round_dir: Path) -> dict:
+    out = {}
+    for stage, name in TRAINING.items():
+        card = round_dir / "adapters" / name / "cai.json"
+        if card.exists():
+            c = store.read_json(card)
+            out[name] = {"train": {k: v for k, v in c.get("train", {}).items() if k != "loss_history"},
+                         "metrics": c.get("metrics", {}), "init_adapter": c.get("init_adapter")}
+    return out
+
+
 def stage_status(round_dir: Path, cfg: RoundConfig) -> dict:
     out = {}
     for stage in cfg.stages:
         units = units_of(round_dir, stage, cfg)
         done = [u for u in units if is_done(round_dir, u)]
-        secs = sum(store.read_json(unit_output(round_dir, u)).get("meta", {}).get("seconds", 0) for u in done)
+        secs = sum(_unit_seconds(round_dir, u) for u in done)
         out[stage] = {
             "status": "done" if stage_done(round_dir, stage) else ("running" if done else "pending"),
             "units_done": len(done), "units": len(units), "seconds": round(secs, 2),
@@ -432,6 +507,7 @@ def write_manifest(round_dir: Path, extra: dict | None = None) -> dict:
         "versions": _versions(),
         "stages": stage_status(round_dir, cfg),
         "counts": counts(round_dir),
+        "training": training_metrics(round_dir),
         "finished": finished(round_dir, cfg),
         **{k: v for k, v in old.items() if k in ("status", "error")},
         **(extra or {}),

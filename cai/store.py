@@ -84,3 +84,10 @@ def commit_dir(tmp: Path, target: Path) -> bool:
 def tmp_dir_beside(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+
+def read_json_yaml(path: Path) -> Any:
+    """Read a YAML file this store wrote (plain mappings only)."""
+    import yaml
+
+    return yaml.safe_load(path.read_text("utf-8"))

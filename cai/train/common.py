@@ -58,12 +58,11 @@ def load_base(base_path: str, recipe: Recipe, *, seq_cls: bool = False):
     tok = AutoTokenizer.from_pretrained(base_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    kwargs: dict = {}
     q = bnb_config(recipe)
+    dtype = torch.bfloat16 if recipe.bf16 and torch.cuda.is_available() else torch.float32
+    kwargs: dict = {"dtype": dtype}
     if q is not None:
         kwargs["quantization_config"] = q
-    else:
-        kwargs["dtype"] = torch.bfloat16 if recipe.bf16 and torch.cuda.is_available() else torch.float32
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
     if seq_cls:

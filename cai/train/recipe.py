@@ -121,7 +121,7 @@ def _common(recipe: Recipe, stage: Stage, output_dir: Path) -> dict:
         output_dir=str(output_dir), learning_rate=stage.learning_rate, num_train_epochs=stage.epochs,
         max_steps=stage.max_steps, per_device_train_batch_size=stage.batch_size,
         per_device_eval_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
-        warmup_ratio=stage.warmup_ratio, save_strategy="steps", save_steps=stage.save_steps,
+        warmup_steps=float(stage.warmup_ratio), save_strategy="steps", save_steps=stage.save_steps,
         save_total_limit=2, logging_steps=stage.logging_steps, seed=stage.seed, data_seed=stage.seed,
         report_to="none", bf16=recipe.bf16 and torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(), gradient_checkpointing=recipe.gradient_checkpointing,
