@@ -293,22 +293,65 @@ def _shard(prompts: list, cfg: RoundConfig, k: int) -> list:
 
 
 class ModelCache:
-    """Keeps one loaded (model, tokenizer) per spec for the life of a worker/process."""
+    """Keeps one loaded base model per process (a worker's life) and swaps LoRA adapters
+    on it instead of reloading the base when only the adapter changes."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._value = None
+        self._base_key: tuple | None = None
+        self._model = self._tok = None
+        self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
+        self.loads = 0
 
     def clear(self) -> None:
-        self._key = self._value = None
+        self._base_key = self._model = self._tok = None
+        self._adapters = {}
 
     def get(self, spec: str, four_bit: bool = False, adapter: str | None = None):
-        key = (spec, four_bit, adapter)
-        if self._key != key:
-            self._value = None
-            self._value = models_mod.load(spec, four_bit=four_bit, adapter=adapter)
-            self._key = key
-        return self._value
+        r = models_mod.resolve(spec)
+        adapter = adapter or r.adapter
+        key = (r.base, r.embedded, four_bit)
+        if self._base_key != key:
+            self.clear()
+            self._model, self._tok = models_mod.load(models_mod.Resolved(spec, r.base, None, r.embedded), four_bit=four_bit)
+            self._base_key = key
+            self.loads += 1
+        if adapter is None:
+            if self._adapters:
+                return _NoAdapter(self._model), self._tok
+            return self._model, self._tok
+        from peft import PeftModel
+
+        if adapter not in self._adapters:
+            name = f"a{len(self._adapters)}"
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(adapter, adapter_name=name)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, adapter, adapter_name=name)
+            self._model.eval()
+            self._adapters[adapter] = name
+        self._model.set_adapter(self._adapters[adapter])
+        return self._model, self._tok
+
+
+class _NoAdapter:
+    """A PeftModel seen with its adapters disabled (the plain base), for generation."""
+
+    def __init__(self, peft_model) -> None:
+        self._m = peft_model
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def parameters(self):
+        return self._m.parameters()
+
+    def generate(self, *a, **kw):
+        with self._m.disable_adapter():
+            return self._m.generate(*a, **kw)
+
+    def __call__(self, *a, **kw):
+        with self._m.disable_adapter():
+            return self._m(*a, **kw)
 
 
 def run_unit(round_dir: Path, unit: Unit, cache: ModelCache, meta: dict | None = None,

@@ -16,30 +16,59 @@ def run(args, **kw):
     return subprocess.run(CAI + args, capture_output=True, text=True, **kw)
 
 
-@pytest.mark.e2e
-def test_round_run_end_to_end_on_embedded_model(tmp_path, embedded_dir):
-    import datasets
+E2E_RECIPE = """\
+name: e2e
+lora: {r: 4, alpha: 8, target_modules: all-linear}
+quant: {four_bit: true, compute_dtype: float32}
+sft: {max_steps: 2, batch_size: 2, max_length: 192, save_steps: 1, min_rows: 1}
+reward: {max_steps: 2, batch_size: 2, max_length: 192, save_steps: 1, min_rows: 1, heldout_fraction: 0.3}
+dpo: {max_steps: 2, batch_size: 2, max_length: 192, save_steps: 1, min_rows: 1}
+"""
 
+
+@pytest.mark.e2e
+def test_round_run_every_stage_on_embedded_model(tmp_path, embedded_dir):
+    import datasets
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "recipe.yaml").write_text(E2E_RECIPE)
     out = tmp_path / "round"
-    r = run(["round", "run", "--prompts", "sample", "--limit", "4", "--passes", "1", "--max-new-tokens", "48",
-             "--shard-size", "2", "--out", str(out)])
+    r = run(["round", "run", "--prompts", "sample", "--limit", "6", "--passes", "1", "--max-new-tokens", "32",
+             "--shard-size", "3", "--min-margin", "0", "--principles-per-pair", "2",
+             "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
-    assert man["finished"] and man["stages"]["critique"]["status"] == "done"
+    assert man["finished"], man["stages"]
+    assert set(man["stages"]) == {"respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy"}
     assert man["stages"]["respond"]["units"] == 2
     assert man["constitution"]["hash"].startswith("sha256:") and man["versions"]["transformers"]
     counts = man["counts"]
-    assert counts["prompts"] == 4 and counts["critique_passes"] == 4
-    assert counts["revisions_accepted"] + sum(counts["revisions_degenerate"].values()) == 4
-    assert counts["sft_rows"] + counts["sft_dropped_no_accepted_revision"] == 4
+    assert counts["prompts"] == 6 and counts["critique_passes"] == 6
+    assert counts["revisions_accepted"] + sum(counts["revisions_degenerate"].values()) == 6
+    assert counts["sft_rows"] + counts["sft_dropped_no_accepted_revision"] == 6
+    assert counts["pairs"] + counts["pairs_identical_skipped"] == 6
+    judge = counts["judge"]
+    assert judge["pairs_labeled"] == counts["pairs"] and 0 <= judge["position_consistency"] <= 1
+    assert 0 < judge["mean_choice_mass"] <= 1
     assert (out / "constitution.yaml").read_text().startswith("name: harmless-helpful")
     crit = [json.loads(x) for x in (out / "datasets" / "critiques.jsonl").read_text().splitlines()]
-    assert len(crit) == 4 and all(c["critique"] for c in crit)
-    assert all(c["provenance"]["constitution_hash"] == man["constitution"]["hash"] for c in crit)
-    if counts["sft_rows"]:
-        ds = datasets.load_dataset("json", data_files=str(out / "datasets" / "sft.jsonl"), split="train")
-        assert ds[0]["messages"][-1]["role"] == "assistant"
-        assert ds[0]["provenance"]["round"] == man["round_id"]
+    assert len(crit) == 6 and all(c["provenance"]["constitution_hash"] == man["constitution"]["hash"] for c in crit)
+    sft = datasets.load_dataset("json", data_files=str(out / "datasets" / "sft.jsonl"), split="train")
+    assert sft[0]["messages"][-1]["role"] == "assistant" and sft[0]["provenance"]["round"] == man["round_id"]
+    prefs = datasets.load_dataset("json", data_files=str(out / "datasets" / "preferences.jsonl"), split="train")
+    row = prefs[0]
+    assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+    assert 0.5 <= row["p_chosen"] <= 1 and row["provenance"]["judge"] == "smollm2-135m"
+    pairs = [json.loads(x) for x in (out / "datasets" / "pairs.jsonl").read_text().splitlines()]
+    assert all(p["provenance"]["policy_adapter"] == "adapters/sft" for p in pairs)  # sampled from the SFT policy
+    for name in ("sft", "reward", "policy"):
+        card = json.loads((out / "adapters" / name / "cai.json").read_text())
+        assert card["round"] == man["round_id"] and card["base_model"] == "smollm2-135m"
+        assert man["training"][name]["train"]["steps"] == 2
+    assert json.loads((out / "adapters" / "policy" / "cai.json").read_text())["train"]["reference"] == "sft adapter"
+    assert "accuracy" in man["training"]["reward"]["metrics"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_dir), out / "adapters" / "policy")
 
 
 def _cons(tmp_path: Path, text: str) -> Path:
@@ -54,6 +83,9 @@ BAD_ROUND = {
     "empty_prompt_set": (lambda t: ["--prompts", str(_write(t / "p.jsonl", "\n"))], "prompt set is empty"),
     "missing_model": (lambda t: ["--prompts", "sample", "--model", str(t / "no-such-model")], "no-such-model': not found"),
     "unknown_stage": (lambda t: ["--prompts", "sample", "--stages", "respond,critque"], "unknown stage critque"),
+    "bad_recipe": (lambda t: ["--prompts", "sample", "--recipe", str(_write(t / "r.yaml", "name: r\nsft: {lr: 1}\n"))], "r.yaml:2:7: sft.lr: unknown key 'lr'"),
+    "label_without_pairs": (lambda t: ["--prompts", "sample", "--stages", "label"], "label needs pairs"),
+    "no_preference_question": (lambda t: ["--constitution", str(_cons(t, GOOD)), "--prompts", "sample", "--stages", "respond,critique,pairs,label"], "honest have no preference_question"),
 }
 
 
@@ -77,3 +109,23 @@ def test_round_run_refuses_non_empty_out(tmp_path):
     r = run(["round", "run", "--prompts", "sample", "--out", str(tmp_path)])
     assert r.returncode == 2 and "not empty" in r.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_label_alone_on_an_existing_responses_file(tmp_path, tiny_model_dir):
+    signal = Path(__file__).parent / "data" / "signal_pairs.jsonl"
+    out = tmp_path / "labels"
+    r = run(["round", "run", "--stages", "label", "--pairs", str(signal), "--model", str(tiny_model_dir),
+             "--principles-per-pair", "2", "--min-margin", "0", "--shard-size", "4", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["finished"] and man["stages"]["label"]["units"] == 3
+    labels = [json.loads(x) for x in (out / "datasets" / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 10 and man["counts"]["judge"]["pairs_labeled"] == 10
+    # a random-weight judge puts almost no mass on A/B: its labels are recorded invalid, not used
+    assert man["counts"]["judge"]["pairs_invalid"] == sum(not x["valid"] for x in labels)
+    kept = (out / "datasets" / "preferences.jsonl").read_text().splitlines()
+    assert len(kept) == man["counts"]["judge"]["pairs_kept"]
+    bad = tmp_path / "bad_pairs.jsonl"
+    bad.write_text('{"prompt": "x", "responses": ["only one"]}\n')
+    r = run(["round", "run", "--stages", "label", "--pairs", str(bad), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o2")])
+    assert r.returncode == 2 and "bad_pairs.jsonl:1: needs 'responses'" in r.stderr

@@ -23,9 +23,9 @@ def test_bench_label():
     pairs = prompts.load_pairs(SIGNAL)
     s = LabelSettings(principles_per_pair=4, batch_size=16)
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rows = label_pairs(model, tok, cons, pairs, s, seed=0, provenance={})
-    logprob_s = (time.perf_counter() - t) / len(pairs)
+    logprob_s, logprob_cpu = (time.perf_counter() - t) / len(pairs), (time.process_time() - c) / len(pairs)
     right = sum(1 for r in rows if r["valid"] and r["chosen_index"] == 0)
     stats = judge_stats(rows, s)
 
@@ -36,9 +36,9 @@ def test_bench_label():
         for pr in sample_judge_principles(cons, s.principles_per_pair, 0, p["prompt_id"]):
             for a, b in ((p["responses"][0], p["responses"][1]), (p["responses"][1], p["responses"][0])):
                 convs.append(shots + [{"role": "user", "content": judge_question(p["messages"], pr.preference_question, a, b)}])
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     gens = generate(model, tok, convs, Sampling(max_new_tokens=64, temperature=0, batch_size=16))
-    generated_s = (time.perf_counter() - t) / len(pairs)
+    generated_s, generated_cpu = (time.perf_counter() - t) / len(pairs), (time.process_time() - c) / len(pairs)
     parsed = sum(1 for g in gens if re.search(r"\(?\b[AB]\b\)?", g.text))
 
     fig = {
@@ -47,6 +47,6 @@ def test_bench_label():
         "position_consistency": stats["position_consistency"], "mean_choice_mass": stats["mean_choice_mass"],
         "p_chosen": [round(r["p_chosen"], 3) for r in rows],
         "logprob_s_per_pair": round(logprob_s, 2), "generated_verdict_s_per_pair": round(generated_s, 2),
-        "cost_ratio": round(logprob_s / generated_s, 3), "generated_verdicts_with_a_letter": f"{parsed}/{len(gens)}",
+        "cost_ratio": round(logprob_s / generated_s, 3), "cost_ratio_cpu_time": round(logprob_cpu / generated_cpu, 3), "generated_verdicts_with_a_letter": f"{parsed}/{len(gens)}",
     }
     print("\nBENCH label:", json.dumps(fig))
