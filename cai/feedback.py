@@ -7,6 +7,8 @@ from the next-token probabilities of the choice letters in one forward pass, sum
 over every token that spells the letter; the mass that fell on the letters at all is
 recorded, and an evaluation whose mass is below `min_mass` is invalid. Each pair is
 judged in both orders and under k sampled principles, and the probabilities averaged.
+The passage (conversation + both responses) comes before the principle's question, so
+the k questions about one (pair, order) share the passage's computation.
 
 Knows the constitution and the generation helpers; knows nothing about files or queues.
 """
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai.constitution import Constitution, Principle
 from cai.errors import InputError
-from cai.generation import Sampling, generate, next_token_mass, render
+from cai.generation import Sampling, generate, next_token_mass, next_token_mass_grouped, render
 from cai.prompts import Prompt
 
 ANSWER_PREFIX = "The better response is ("
@@ -89,9 +91,17 @@ def _transcript(messages: list[dict]) -> str:
     return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in messages)
 
 
+def judge_parts(messages: list[dict], a: str, b: str, question: str) -> tuple[str, str]:
+    """The judge's question as (passage, ask): the passage (conversation and both
+    responses) comes first so that k principles' asks can share its computation."""
+    passage = (f"Consider the following conversation between a human and an assistant:\n\n{_transcript(messages)}\n\n"
+               f"Response (A): {a}\n\nResponse (B): {b}\n\n")
+    return passage, f"{question} Answer with A or B."
+
+
 def judge_question(messages: list[dict], question: str, a: str, b: str) -> str:
-    return (f"Consider the following conversation between a human and an assistant:\n\n{_transcript(messages)}\n\n"
-            f"{question}\n\n(A) {a}\n\n(B) {b}\n\nAnswer with A or B.")
+    passage, ask = judge_parts(messages, a, b, question)
+    return passage + ask
 
 
 def _few_shot_turns(constitution: Constitution, k: int) -> list[dict]:
@@ -130,27 +140,27 @@ def label_pairs(model, tok, constitution: Constitution, pairs: list[dict], setti
     shots = _few_shot_turns(constitution, settings.few_shot)
     # one evaluation = (pair, principle, order); order 0 shows responses[0] as A
     evals: list[tuple[int, str, int]] = []
-    texts: list[str] = []
+    asks: list[str] = []
     convs: list[list[dict]] = []
     chosen_principles = []
     for i, pair in enumerate(pairs):
         ps = sample_judge_principles(constitution, settings.principles_per_pair, seed, pair["prompt_id"])
         chosen_principles.append([p.id for p in ps])
         r0, r1 = pair["responses"]
-        for p in ps:
-            for order, (a, b) in enumerate(((r0, r1), (r1, r0))):
-                conv = shots + [{"role": "user", "content": judge_question(pair["messages"], p.preference_question, a, b)}]
+        for order, (a, b) in enumerate(((r0, r1), (r1, r0))):
+            for p in ps:
+                passage, ask = judge_parts(pair["messages"], a, b, p.preference_question)
                 evals.append((i, p.id, order))
-                convs.append(conv)
+                convs.append(shots + [{"role": "user", "content": passage + ask}])
+                asks.append(ask)
     if settings.chain_of_thought:
         reasoning = generate(model, tok, convs, Sampling(max_new_tokens=settings.cot_max_new_tokens, temperature=0,
                                                          batch_size=settings.batch_size),
                              prefixes=[COT_PREFIX] * len(convs))
         texts = [render(tok, c) + COT_PREFIX + " " + r.text + "\n" + ANSWER_PREFIX for c, r in zip(convs, reasoning)]
+        masses = next_token_mass(model, tok, texts, [a_ids, b_ids], batch_size=settings.batch_size)
     else:
-        texts = [render(tok, c) + ANSWER_PREFIX for c in convs]
-    masses = next_token_mass(model, tok, texts, [a_ids, b_ids], batch_size=settings.batch_size)
-
+        masses = _grouped_masses(model, tok, convs, evals, asks, [a_ids, b_ids], settings.batch_size)
     detail: list[dict[str, dict]] = [{} for _ in pairs]
     for (i, pid, order), (ma, mb) in zip(evals, masses):
         total = ma + mb
@@ -189,6 +199,26 @@ def label_pairs(model, tok, constitution: Constitution, pairs: list[dict], setti
                            "mode": "chain-of-thought" if settings.chain_of_thought else "log-prob"},
         })
     return rows
+
+
+def _grouped_masses(model, tok, convs, evals, asks, candidates, batch_size) -> list[list[float]]:
+    """Score the evaluations grouped by (pair, order): the passage once, each principle's ask on top."""
+    groups: dict[tuple[int, int], tuple[str, list[str], list[int]]] = {}
+    for n, (conv, (i, _, order), ask) in enumerate(zip(convs, evals, asks)):
+        full = render(tok, conv) + ANSWER_PREFIX
+        cut = full.rfind(ask)
+        head, tail = full[:cut], full[cut:]
+        g = groups.setdefault((i, order), (head, [], []))
+        assert g[0] == head, "evaluations of one (pair, order) must share their passage"
+        g[1].append(tail)
+        g[2].append(n)
+    keys = list(groups)
+    scored = next_token_mass_grouped(model, tok, [(groups[k][0], groups[k][1]) for k in keys], candidates, batch_size)
+    out: list[list[float]] = [[] for _ in convs]
+    for k, masses in zip(keys, scored):
+        for n, m in zip(groups[k][2], masses):
+            out[n] = m
+    return out
 
 
 def judge_stats(rows: list[dict], settings: LabelSettings) -> dict:

@@ -61,7 +61,7 @@ def _prefix_cache(model, prefix: list[int], device):
     import torch
 
     with torch.inference_mode():
-        return model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        return model(input_ids=torch.tensor([prefix], device=device), use_cache=True).cache
 
 
 def _batch_inputs(tok, rows: list[list[int]], prefix: list[int], cache, device):
@@ -146,3 +146,56 @@ def next_token_mass(model, tok, texts: list[str], candidates: list[list[int]], b
         for row, i in enumerate(idx):
             out[i] = [float(probs[row, c].sum()) for c in cand]
     return out  # type: ignore[return-value]
+
+
+def next_token_mass_grouped(model, tok, groups: list[tuple[str, list[str]]], candidates: list[list[int]],
+                            batch_size: int = 16) -> list[list[list[float]]]:
+    """Like next_token_mass for texts that come in groups sharing a head: `groups` is a list
+    of (head, [tail, ...]) and each scored text is head + tail.
+
+    Each head is computed once and its KV cache reused by all its tails (on top of the
+    prefix every head shares), so k questions about one long passage cost about one
+    passage. Layout: [shared prefix][pad][head][pad][tail]. Returns masses per tail.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    heads = [tok(h, add_special_tokens=False)["input_ids"] for h, _ in groups]
+    tails = [[tok(t, add_special_tokens=False)["input_ids"] for t in ts] for _, ts in groups]
+    cand = [torch.tensor(c, device=device) for c in candidates]
+    P = _common_prefix(heads) if len(heads) > 1 else max(len(heads[0]) - 1, 0) if heads else 0
+    prefix = heads[0][:P] if P >= MIN_SHARED else []
+    cache = _prefix_cache(model, prefix, device) if prefix else None
+    out: list[list[list[float]]] = [[[] for _ in ts] for ts in tails]
+    order = sorted(range(len(groups)), key=lambda g: -len(heads[g]))
+    packs, cur, rows = [], [], 0
+    for g in order:  # pack whole groups into batches of about batch_size rows
+        if cur and rows + len(tails[g]) > batch_size:
+            packs.append(cur)
+            cur, rows = [], 0
+        cur.append(g)
+        rows += len(tails[g])
+    if cur:
+        packs.append(cur)
+    for gs in packs:
+        ids, mask, c = _batch_inputs(tok, [heads[g] for g in gs], prefix, cache, device)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            head_cache = model(input_ids=ids[:, len(prefix):], attention_mask=mask, position_ids=pos[:, len(prefix):],
+                               cache=c, use_cache=True, logits_to_keep=1).cache
+        owner = torch.tensor([i for i, g in enumerate(gs) for _ in tails[g]], device=device)
+        head_cache.batch_select_indices(owner)
+        t = tok.pad({"input_ids": [x for g in gs for x in tails[g]]}, return_tensors="pt", padding_side="left")
+        tail_ids, tail_mask = t["input_ids"].to(device), t["attention_mask"].to(device)
+        full_mask = torch.cat([mask[owner], tail_mask], 1)
+        tpos = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tail_ids.shape[1]:]
+        with torch.inference_mode():
+            logits = model(input_ids=tail_ids, attention_mask=full_mask, position_ids=tpos, cache=head_cache,
+                           logits_to_keep=1).logits[:, -1, :].float()
+        probs = torch.softmax(logits, dim=-1)
+        row = 0
+        for g in gs:
+            for j in range(len(tails[g])):
+                out[g][j] = [float(probs[row, cc].sum()) for cc in cand]
+                row += 1
+    return out

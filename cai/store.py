@@ -91,3 +91,84 @@ def read_json_yaml(path: Path) -> Any:
     import yaml
 
     return yaml.safe_load(path.read_text("utf-8"))
+
+
+# ---------------------------------------------------------------- the shared store of rounds
+#
+# Round folders live under one root that every worker and client sees (a shared disk or
+# mount): $CAI_STORE, default $CAI_HOME/store (~/.cache/cai/store). Ids are folder names.
+
+PULLED = ("manifest.json", "constitution.yaml", "datasets", "adapters", "report")  # the user-facing round folder
+_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def store_root() -> Path:
+    if os.environ.get("CAI_STORE"):
+        return Path(os.environ["CAI_STORE"]).expanduser()
+    home = os.environ.get("CAI_HOME") or Path.home() / ".cache" / "cai"
+    return Path(home) / "store"
+
+
+def rounds_root() -> Path:
+    return store_root() / "rounds"
+
+
+def check_round_id(round_id: str) -> str:
+    from cai.errors import InputError
+
+    if not round_id or len(round_id) > 100 or round_id.startswith(".") or not set(round_id) <= _ID_CHARS:
+        raise InputError(f"round id {round_id!r}: not a round id (letters, digits, '.', '_' and '-' only)")
+    return round_id
+
+
+def round_path(round_id: str, must_exist: bool = True) -> Path:
+    """The store folder of a round; InputError for a malformed or unknown id."""
+    from cai.errors import InputError
+
+    path = rounds_root() / check_round_id(round_id)
+    if must_exist and not (path / ROUND_FILE).exists():
+        raise InputError(f"round {round_id}: no such round in the store {rounds_root()} (see `cai round list`)")
+    return path
+
+
+def list_round_ids() -> list[str]:
+    root = rounds_root()
+    if not root.exists():
+        return []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / ROUND_FILE).exists())
+
+
+def pull(round_dir: Path, dest: Path) -> list[Path]:
+    """Copy the user-facing part of a round folder (never work/ or inputs/) into dest.
+
+    Refuses a non-empty dest, and any entry that is a link or would land outside dest.
+    Returns the files written, relative to dest.
+    """
+    from cai.errors import InputError
+
+    if dest.exists() and not dest.is_dir():
+        raise InputError(f"{dest}: exists and is not a folder; pull into a new or empty folder")
+    if dest.exists() and any(dest.iterdir()):
+        raise InputError(f"{dest}: folder is not empty; pull into a new or empty folder")
+    base = dest.resolve()
+    plan: list[tuple[Path, Path]] = []
+    problems = []
+    for name in PULLED:
+        src = round_dir / name
+        if not src.exists() and not src.is_symlink():
+            continue
+        for path in [src, *sorted(src.rglob("*"))] if src.is_dir() and not src.is_symlink() else [src]:
+            rel = path.relative_to(round_dir)
+            target = (base / rel).resolve()
+            if path.is_symlink():
+                problems.append(f"{path}: is a link; pull copies plain files only")
+            elif target != base and base not in target.parents:
+                problems.append(f"{rel}: would be written outside {dest}")
+            elif path.is_file():
+                plan.append((path, rel))
+    if problems:
+        raise InputError(problems)
+    for path, rel in plan:
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, base / rel)
+    return [rel for _, rel in plan]

@@ -58,3 +58,21 @@ def test_shared_prefix_cache_changes_nothing(tiny, monkeypatch):
     plain = next_token_mass(model, tok, texts, [[10], [11]], batch_size=2)
     for a, b in zip(mass_cached, plain):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-9)
+
+
+def test_grouped_mass_equals_plain_scoring(tiny):
+    import torch
+
+    from cai.generation import next_token_mass_grouped
+
+    model, tok = tiny
+    shots = render(tok, [{"role": "user", "content": "A shared worked example about kettles and tea."}] * 4, False)
+    groups = [(shots + f"Passage number {i}: " + "words " * (3 + 5 * i), [f"Question {j}? Answer: (" for j in range(3 - i % 2)])
+              for i in range(4)]
+    grouped = next_token_mass_grouped(model, tok, groups, [[10, 11], [12]], batch_size=5)
+    for (head, tails), got in zip(groups, grouped):
+        for t, a in zip(tails, got):
+            ids = tok(head, add_special_tokens=False)["input_ids"] + tok(t, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                p = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+            assert a == pytest.approx([float(p[10] + p[11]), float(p[12])], rel=1e-4, abs=1e-9)

@@ -1,0 +1,66 @@
+"""Every queue name, task name and Redis key the service uses, in one place.
+
+Knows names only: what a key holds is documented here, how it is used lives in
+`lease` and `service`. Kombu's own keys (the queue lists named below, `unacked`,
+`unacked_index`, `_kombu.binding.*`) and Celery's result keys (`celery-task-meta-*`)
+sit beside ours in the same Redis database.
+"""
+
+from __future__ import annotations
+
+# ---- queues, by resource
+GENERATE = "generate"  # needs the accelerator: respond, critique, pairs, label shards
+TRAIN = "train"        # needs the accelerator: train-sft, train-rm, train-policy
+CPU = "cpu"            # the rest: the periodic reconcile
+QUEUES = (GENERATE, TRAIN, CPU)
+
+TRAINING_STAGES = ("train-sft", "train-rm", "train-policy")
+
+
+def queue_of(stage: str) -> str:
+    return TRAIN if stage in TRAINING_STAGES else GENERATE
+
+
+# ---- task names (the client sends by name and never imports the task module)
+TASK_SHARD = "cai.shard"          # (round_id, stage, shard)
+TASK_TRAIN = "cai.train"          # (round_id, stage)
+TASK_RECONCILE = "cai.reconcile"  # ()
+
+# ---- Redis keys (all ours start with "cai:")
+ACTIVE = "cai:active"          # set of round ids that are neither finished nor failed nor cancelled
+RECONCILER = "cai:reconciler"  # lock (SET NX EX) so one worker in the cluster reconciles per interval
+
+
+def round_state(round_id: str) -> str:
+    """Hash {status, error, updated}: mirror of the round's durable status (work/status.json)."""
+    return f"cai:round:{round_id}"
+
+
+def lease(round_id: str, unit: str) -> str:
+    """String "<token>|<worker>|<task id>|<started>" with a TTL, renewed by the holder's heartbeat."""
+    return f"cai:lease:{round_id}:{unit}"
+
+
+def fence(round_id: str, unit: str) -> str:
+    """Counter (INCR) issuing the unit's fencing tokens; the highest token is the current one."""
+    return f"cai:fence:{round_id}:{unit}"
+
+
+def queued(round_id: str, unit: str) -> str:
+    """Marker (SET NX EX) that a message for the unit was sent and not yet picked up."""
+    return f"cai:queued:{round_id}:{unit}"
+
+
+def attempts(round_id: str) -> str:
+    """Hash unit -> attempts started (mirrored in the round folder's work/attempts/)."""
+    return f"cai:attempts:{round_id}"
+
+
+def events(round_id: str) -> str:
+    """List of JSON events (submitted, started, busy, committed, discarded, error, failed...), capped."""
+    return f"cai:events:{round_id}"
+
+
+def round_keys_pattern(round_id: str) -> list[str]:
+    """Patterns matching every key of one round (for cleanup)."""
+    return [f"cai:{kind}:{round_id}*" for kind in ("round", "lease", "fence", "queued", "attempts", "events")]
