@@ -237,4 +237,21 @@ def judge_stats(rows: list[dict], settings: LabelSettings) -> dict:
         "mean_choice_mass": round(sum((x["mass_order0"] + x["mass_order1"]) / 2 for x in evals) / len(evals), 4) if evals else None,
         "p_chosen_distribution": hist,
         "min_margin": settings.min_margin,
+        "warnings": _warnings(rows, evals, kept),
     }
+
+
+def _warnings(rows: list[dict], evals: list[dict], kept: list[dict]) -> list[str]:
+    """Plain-language reasons to distrust this round's labels."""
+    out = []
+    if evals:
+        consistency = sum(x["consistent"] for x in evals) / len(evals)
+        if consistency < 0.5:
+            out.append(f"position consistency {consistency:.2f}: the judge mostly answers by position, not content; "
+                       "labels are near 0.5 after debiasing; use a stronger --judge")
+        mass = sum((x["mass_order0"] + x["mass_order1"]) / 2 for x in evals) / len(evals)
+        if mass < 0.5:
+            out.append(f"mean choice mass {mass:.2f}: the judge often does not answer with A or B")
+    if rows and not kept:
+        out.append("no pair passed the margin threshold: nothing to train on")
+    return out
