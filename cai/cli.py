@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -121,22 +122,32 @@ def round_run(
 ) -> None:
     """Run a round here, in process (no queue), writing the round folder."""
     from cai import rounds
+
+    cfg = rounds.prepare(out_dir, **_round_inputs(
+        constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size, shard_size, seed, judge, pairs,
+        principles_per_pair, min_margin, cot, recipe))
+    err.print(f"round {cfg.round_id} -> {out_dir}")
+    _run_with_progress(out_dir)
+    man = json.loads((out_dir / "manifest.json").read_text())
+    out.print(json.dumps({"round": cfg.round_id, "out": str(out_dir), "counts": man["counts"]}, indent=2))
+
+
+def _round_inputs(constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size, shard_size, seed,
+                  judge, pairs, principles_per_pair, min_margin, cot, recipe) -> dict:
+    """The CLI's round options as rounds.prepare's arguments (shared by run and submit)."""
+    from cai import rounds
     from cai.critique import CritiqueSettings
     from cai.feedback import LabelSettings
     from cai.generation import Sampling
 
-    cfg = rounds.prepare(
-        out_dir, constitution_path=str(constitution), prompts_spec=prompts, model=model,
+    return dict(
+        constitution_path=str(constitution), prompts_spec=prompts, model=model,
         stages=rounds.parse_stages(stages), limit=limit, shard_size=shard_size, seed=seed,
         sampling=Sampling(max_new_tokens=max_new_tokens, batch_size=batch_size),
         critique=CritiqueSettings(passes=passes), judge=judge, pairs_path=pairs, recipe=recipe,
         label=LabelSettings(principles_per_pair=principles_per_pair, min_margin=min_margin, chain_of_thought=cot,
                             batch_size=batch_size),
     )
-    err.print(f"round {cfg.round_id} -> {out_dir}")
-    _run_with_progress(out_dir)
-    man = json.loads((out_dir / "manifest.json").read_text())
-    out.print(json.dumps({"round": cfg.round_id, "out": str(out_dir), "counts": man["counts"]}, indent=2))
 
 
 def _run_with_progress(round_dir: Path) -> None:
@@ -156,16 +167,221 @@ def _run_with_progress(round_dir: Path) -> None:
         rounds.run_in_process(round_dir, on_progress=tick)
 
 
-@app.command("demo")
-def demo(out_dir: Path = typer.Option(Path("rounds/demo"), "--out")) -> None:
-    """Run a small round of the default constitution on the bundled sample with the embedded model."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        from cai import store
+# ---------------------------------------------------------------- rounds through the queue
+#
+# These commands talk to Redis (CAI_REDIS_URL) and the shared store (CAI_STORE); the
+# work is done by `cai worker` processes. The queue modules are imported inside the
+# commands, so `import cai.cli` pulls neither celery nor torch.
 
-        out_dir = out_dir.parent / store.new_round_id()
-    round_run(constitution=DEFAULT_CONSTITUTION, prompts="sample", model="smollm2-135m", stages=None, limit=None,
-              out_dir=out_dir, passes=1, max_new_tokens=64, batch_size=16, shard_size=32, seed=0, judge=None,
-              pairs=None, principles_per_pair=4, min_margin=0.1, cot=False, recipe="cpu-tiny")
+
+def _redis() -> None:
+    """Exit 2 with one line when Redis doesn't answer."""
+    from workers.settings import ping
+
+    ping()
+
+
+@round_app.command("submit")
+def round_submit(
+    constitution: Path = typer.Option(DEFAULT_CONSTITUTION, help="Constitution YAML."),
+    prompts: Optional[str] = typer.Option(None, help="Prompts: .jsonl, .parquet, a dataset folder, or a shipped set (sample, red-team, helpful, borderline, all)."),
+    model: str = typer.Option("smollm2-135m", help="Model spec: smollm2-135m, a local folder, or a cached hub id (as the workers see it)."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default: all available)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N prompts."),
+    parent: Optional[str] = typer.Option(None, help="Parent round id: the policy starts from its adapters/policy."),
+    passes: int = typer.Option(2, min=1, max=8, help="Critique-revise passes per prompt."),
+    max_new_tokens: int = typer.Option(96, min=1, help="Tokens per generated answer."),
+    batch_size: int = typer.Option(16, min=1, help="Generation batch size."),
+    shard_size: int = typer.Option(32, min=1, help="Prompts per shard (one task each)."),
+    seed: int = typer.Option(0, help="Round seed."),
+    judge: Optional[str] = typer.Option(None, help="Feedback model spec (default: the policy's base model)."),
+    pairs: Optional[str] = typer.Option(None, help="Label an existing responses file (JSONL: prompt + responses: [a, b])."),
+    principles_per_pair: int = typer.Option(4, min=1, help="Principles sampled per pair for labeling."),
+    min_margin: float = typer.Option(0.1, min=0, max=0.99, help="Pairs with a smaller label margin stay out of training data."),
+    cot: bool = typer.Option(False, "--cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6]."),
+    recipe: str = typer.Option("cpu-tiny", help="Training recipe: cpu-tiny, gpu-8b, or a YAML path."),
+) -> None:
+    """Validate a round, put it in the store and queue it; prints the round id."""
+    from workers import service
+
+    # workers run elsewhere, in another folder: a model given as a local path is recorded absolute
+    model, judge = (str(Path(m).expanduser().resolve()) if m and Path(m).expanduser().exists() else m for m in (model, judge))
+    round_id = service.submit(parent=parent, **_round_inputs(
+        constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size, shard_size, seed, judge, pairs,
+        principles_per_pair, min_margin, cot, recipe))
+    print(round_id)
+
+
+@round_app.command("status")
+def round_status(round_id: str = typer.Argument(..., metavar="ID"),
+                 as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Stages and shards of a round: the store's state plus what runs now."""
+    from workers import progress
+
+    _redis()
+    st = progress.status(round_id)
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    from rich.table import Table
+
+    out.print(f"[bold]{st['round_id']}[/bold]  {st['status']}" + (f"  parent {st['parent']}" if st["parent"] else ""))
+    if st["error"]:
+        out.print(f"error: {st['error']}", markup=False)
+    t = Table("stage", "status", "units", "running", "queued", "seconds")
+    for stage, s in st["stages"].items():
+        t.add_row(stage, s["status"], f"{s['units_done']}/{s['units']}", ",".join(s["running"]), str(s["queued"]), f"{s['seconds']:g}")
+    out.print(t)
+    for u in st["units"]:
+        if u["state"] == "running":
+            out.print(f"  {u['unit']}: running on {u['worker']} for {u['running_s']:g} s (attempt {u['attempts']}, token {u['token']})")
+
+
+def _watch(round_id: str, interval: float = 1.0) -> str:
+    """Progress bars until the round ends; returns its final status."""
+    import redis
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from workers import progress
+
+    _redis()
+    st = progress.status(round_id)
+    with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+                  TimeElapsedColumn(), console=err) as prog:
+        bars = {stage: prog.add_task(stage, total=s["units"], note="") for stage, s in st["stages"].items()}
+        while True:
+            for stage, s in st["stages"].items():
+                note = f"running {','.join(x.split('/')[-1] for x in s['running'])}" if s["running"] else s["status"]
+                prog.update(bars[stage], completed=s["units_done"], note=note)
+            if st["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(interval)
+            try:
+                st = progress.status(round_id)
+            except redis.RedisError as e:
+                prog.console.print(f"redis not answering ({type(e).__name__}); still watching", markup=False)
+                time.sleep(interval)
+    if st["error"]:
+        err.print(f"round {round_id} {st['status']}: {st['error']}", markup=False)
+    else:
+        err.print(f"round {round_id} {st['status']}")
+    return st["status"]
+
+
+@round_app.command("watch")
+def round_watch(round_id: str = typer.Argument(..., metavar="ID"),
+                interval: float = typer.Option(1.0, min=0.1, help="Seconds between updates.")) -> None:
+    """Progress bars until the round ends; exit 0 if it succeeded, 1 if it failed or was cancelled."""
+    raise typer.Exit(0 if _watch(round_id, interval) == "succeeded" else 1)
+
+
+@round_app.command("cancel")
+def round_cancel(round_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Stop a round: queued work is dropped, running units are terminated."""
+    from workers import service
+
+    _redis()
+    state = service.cancel(round_id)
+    print(f"{round_id}: {state}" + ("" if state == "cancelled" else " already; nothing to cancel"))
+
+
+@round_app.command("resume")
+def round_resume(round_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Re-queue what has no output and no live lease (after a Redis loss, a failure or a cancel)."""
+    from workers import service
+
+    _redis()
+    sent = service.resume(round_id)
+    print(f"{round_id}: {len(sent)} units queued" + (f" ({', '.join(sent)})" if sent else ""))
+
+
+@round_app.command("list")
+def round_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Rounds in the store, oldest first, with their lineage (round <- parent <- ...)."""
+    from workers import progress
+
+    rows = progress.list_rounds()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        err.print("no rounds in the store yet (cai round submit ...)")
+    for r in rows:  # plain lines: ids and lineage are never cut to a terminal's width
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
+        print(f"{r['round_id']}  {r['status']:<10}  {created}  {r['model']}  lineage: {' <- '.join(r['lineage'])}")
+
+
+@round_app.command("pull")
+def round_pull(round_id: str = typer.Argument(..., metavar="ID"),
+               to: Path = typer.Option(..., "--to", help="Folder to create (must be new or empty).")) -> None:
+    """Copy a round's manifest, constitution, datasets, adapters and report into a folder."""
+    from cai import store
+
+    rd = store.round_path(round_id)
+    files = store.pull(rd, to)
+    man = json.loads((to / "manifest.json").read_text()) if (to / "manifest.json").exists() else {}
+    if not man.get("finished"):
+        err.print(f"round {round_id} has not finished; pulled what exists so far")
+    err.print(f"pulled {len(files)} files of {round_id} into {to}")
+
+
+@app.command("worker")
+def worker(
+    queues: str = typer.Option("generate,train,cpu", "--queues", "-Q", help="Comma-separated queues: generate, train, cpu."),
+    concurrency: int = typer.Option(1, "--concurrency", "-c", min=1, help="Pool processes (one model each; 1 per accelerator)."),
+    hostname: Optional[str] = typer.Option(None, help="Worker node name (default cai-PID@HOST)."),
+    loglevel: str = typer.Option("INFO", help="Log level."),
+) -> None:
+    """Run a worker: a thin wrapper over `celery worker` with cai's app and queues."""
+    import os
+
+    from workers import keys
+
+    bad = [q for q in queues.split(",") if q.strip() not in keys.QUEUES]
+    if bad:
+        raise InputError(f"--queues: unknown queue {', '.join(bad)}; choose from {', '.join(keys.QUEUES)}")
+    _redis()
+    from workers.app import app as celery_app
+
+    celery_app.worker_main(["worker", "--queues", ",".join(q.strip() for q in queues.split(",")), "--concurrency",
+                            str(concurrency), "--pool", "prefork", "--loglevel", loglevel,
+                            "--hostname", hostname or f"cai-{os.getpid()}@%h"])
+
+
+@app.command("demo")
+def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round into TO/ID.")) -> None:
+    """The service on this machine: start Redis (if none answers) and a worker, queue a round of
+    the default constitution on the bundled sample with the embedded model, watch it, pull it."""
+    from cai import store
+    from cai.models import cai_home
+    from workers import local, service
+    from workers.settings import redacted, settings
+
+    url = settings().redis_url
+    redis_proc = worker_proc = None
+    try:
+        if not local.redis_answers(url):
+            redis_proc = local.start_redis(url)
+            err.print(f"started redis-server for {redacted(url)} (stopped at the end)")
+        log = cai_home() / "logs" / f"demo-worker-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        worker_proc = local.start_worker(log)
+        err.print(f"started a worker (log: {log})")
+        local.wait_ready(worker_proc, log)
+        # min_margin 0: the 135M judge's labels are weak (see counts.judge), and the demo shows every stage
+        round_id = service.submit(**_round_inputs(
+            DEFAULT_CONSTITUTION, "sample", "smollm2-135m", None, None, 1, 64, 16, 32, 0, None, None, 4, 0.0, False,
+            "cpu-tiny"))
+        err.print(f"submitted round {round_id}")
+        final = _watch(round_id)
+        dest = to / round_id
+        store.pull(store.round_path(round_id), dest)
+        man = json.loads((dest / "manifest.json").read_text())
+        out.print(json.dumps({"round": round_id, "status": final, "pulled_to": str(dest), "counts": man["counts"]}, indent=2))
+        if final != "succeeded":
+            raise typer.Exit(1)
+    finally:
+        local.stop(worker_proc)
+        local.stop(redis_proc, grace=10)
 
 
 def main() -> None:

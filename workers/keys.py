@@ -11,7 +11,7 @@ from __future__ import annotations
 # ---- queues, by resource
 GENERATE = "generate"  # needs the accelerator: respond, critique, pairs, label shards
 TRAIN = "train"        # needs the accelerator: train-sft, train-rm, train-policy
-CPU = "cpu"            # the rest: the periodic reconcile
+CPU = "cpu"            # the rest: nothing yet (evaluate will run here); a worker may consume it
 QUEUES = (GENERATE, TRAIN, CPU)
 
 TRAINING_STAGES = ("train-sft", "train-rm", "train-policy")
@@ -24,7 +24,6 @@ def queue_of(stage: str) -> str:
 # ---- task names (the client sends by name and never imports the task module)
 TASK_SHARD = "cai.shard"          # (round_id, stage, shard)
 TASK_TRAIN = "cai.train"          # (round_id, stage)
-TASK_RECONCILE = "cai.reconcile"  # ()
 
 # ---- Redis keys (all ours start with "cai:")
 ACTIVE = "cai:active"          # set of round ids that are neither finished nor failed nor cancelled
@@ -56,11 +55,12 @@ def attempts(round_id: str) -> str:
     return f"cai:attempts:{round_id}"
 
 
+def manifest_lock(round_id: str) -> str:
+    """Mutex (SET NX PX) around read-modify-write of the round's manifest.json and status."""
+    return f"cai:lock:{round_id}:manifest"
+
+
 def events(round_id: str) -> str:
     """List of JSON events (submitted, started, busy, committed, discarded, error, failed...), capped."""
     return f"cai:events:{round_id}"
 
-
-def round_keys_pattern(round_id: str) -> list[str]:
-    """Patterns matching every key of one round (for cleanup)."""
-    return [f"cai:{kind}:{round_id}*" for kind in ("round", "lease", "fence", "queued", "attempts", "events")]

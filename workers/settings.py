@@ -64,7 +64,8 @@ def settings() -> WorkerSettings:
     try:
         return WorkerSettings()
     except ValidationError as e:
-        raise InputError([f"worker settings: {'.'.join(map(str, x['loc'])) or 'CAI_*'}: {x['msg']}" for x in e.errors()]) from None
+        raise InputError([f"worker settings: {('CAI_' + str(x['loc'][0]).upper()) if x['loc'] else 'CAI_*'}: "
+                          f"{x['msg'].removeprefix('Value error, ')}" for x in e.errors()]) from None
 
 
 def redacted(url: str) -> str:

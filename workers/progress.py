@@ -1,0 +1,105 @@
+"""Reading rounds: a round's status (what the store holds plus what is live in Redis),
+its lineage, and the list of rounds in the store.
+
+Read-only; cheap enough to poll every second (existence checks and one pipelined Redis
+round trip, no output files read). `list_rounds` and `lineage` need no Redis at all.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cai import rounds, store
+from cai.errors import InputError
+from workers import keys
+from workers.lease import parse
+from workers.service import TERMINAL, durable_status
+from workers.settings import redis_client
+
+
+def status(round_id: str) -> dict:
+    """The round as the store holds it, plus what is live in Redis. Cheap enough to poll:
+    file existence checks and one pipelined round trip, no output files read."""
+    rd = store.round_path(round_id)
+    cfg = rounds.load_config(rd)
+    r = redis_client()
+    durable = durable_status(rd)
+    man = store.read_json(rd / store.MANIFEST) if (rd / store.MANIFEST).exists() else {}
+    all_units = [u for stage in cfg.stages for u in rounds.units_of(rd, stage, cfg)]
+    done = {u.key for u in all_units if rounds.is_done(rd, u)}
+    pending = [u for u in all_units if u.key not in done]
+    pipe = r.pipeline(transaction=False)
+    pipe.hgetall(keys.attempts(round_id))
+    for u in pending:
+        pipe.get(keys.lease(round_id, u.key))
+        pipe.exists(keys.queued(round_id, u.key))
+    answers = pipe.execute()
+    attempts = {k: int(v) for k, v in answers[0].items()}
+    live = {u.key: (answers[1 + 2 * i], answers[2 + 2 * i]) for i, u in enumerate(pending)}
+    now = time.time()
+    units = []
+    for u in all_units:
+        entry: dict = {"unit": u.key, "stage": u.stage, "attempts": attempts.get(u.key, 0)}
+        if u.key in done:
+            entry["state"] = "done"
+        elif (v := live[u.key][0]) is not None:
+            lease = parse(v)
+            entry.update(state="running", worker=lease["worker"], token=lease["token"],
+                         running_s=round(now - lease["started"], 1))
+        elif live[u.key][1]:
+            entry["state"] = "queued"
+        elif all(n.key in done for n in rounds.needs(rd, u, cfg)):
+            entry["state"] = "ready"
+        else:
+            entry["state"] = "waiting"
+        units.append(entry)
+    stages = {}
+    for stage in cfg.stages:
+        mine = [u for u in units if u["stage"] == stage]
+        n_done = sum(u["state"] == "done" for u in mine)
+        stages[stage] = {
+            "status": "done" if rounds.stage_done(rd, stage) else ("running" if n_done or any(u["state"] == "running" for u in mine) else "pending"),
+            "units_done": n_done, "units": len(mine),
+            "running": [u["unit"] for u in mine if u["state"] == "running"],
+            "queued": sum(u["state"] == "queued" for u in mine),
+            "seconds": man.get("stages", {}).get(stage, {}).get("seconds", 0),  # as of the last merge
+        }
+    if durable.get("status") in TERMINAL or durable.get("status") == "succeeded":
+        state = durable["status"]
+    elif any(u["state"] == "running" for u in units) or rounds.finished(rd, cfg):  # finished: the last merge is being recorded
+        state = "running"
+        state = "running"
+    else:
+        state = "queued"
+    return {
+        "round_id": round_id, "status": state, "error": durable.get("error") if state in TERMINAL else None,
+        "parent": cfg.parent, "created": cfg.created, "model": cfg.model, "path": str(rd),
+        "stages": stages, "units": units,
+    }
+
+
+def lineage(round_id: str) -> list[str]:
+    """The round and its ancestors, newest first (stops at a parent missing from the store)."""
+    chain, seen = [round_id], {round_id}
+    while True:
+        try:
+            parent = rounds.load_config(store.round_path(chain[-1])).parent
+        except InputError:
+            return chain
+        if not parent or parent in seen:
+            return chain
+        chain.append(parent)
+        seen.add(parent)
+
+
+def list_rounds() -> list[dict]:
+    """Every round in the store, from the store alone (no Redis needed)."""
+    rows = []
+    for round_id in store.list_round_ids():
+        rd = store.round_path(round_id)
+        cfg = rounds.load_config(rd)
+        durable = durable_status(rd).get("status")
+        state = durable if durable in TERMINAL else ("succeeded" if rounds.finished(rd, cfg) else "incomplete")
+        rows.append({"round_id": round_id, "status": state, "created": cfg.created, "model": cfg.model,
+                     "stages": cfg.stages, "parent": cfg.parent, "lineage": lineage(round_id)})
+    return sorted(rows, key=lambda x: x["created"])

@@ -1,0 +1,319 @@
+"""The round service: submit, work on a unit exactly once, advance, reconcile, cancel,
+resume. (Reading a round's status is workers.progress.)
+
+Celery over Redis delivers a message at least once; this module makes each unit's output
+exactly-once. The store (round folders) is the durable truth: a present output means a
+unit is done, and work/status.json says whether a round failed or was cancelled. Redis
+holds the messages and what is live: leases with fencing tokens (workers.lease),
+attempt counts (mirrored in work/attempts/), markers of what is queued, events.
+
+A unit is worked like this (`work`): drop it if the round is over; skip it if its output
+exists; take the lease or, if another holder's lease is live, come back later; count
+the attempt and give up on the round after N; run it with a heartbeat, committing only
+while the lease is the newest; then `advance` the round: merge finished stages and queue
+the units whose inputs are now present. `advance` is also the reconciler: every worker
+runs it periodically for the active rounds (re-queueing work whose worker died or whose
+message went missing), and `resume` runs it with force. Nothing waits on chords.
+
+Knows the store, cai.rounds, Redis keys and how to send a task by name; does not import
+the task module or run a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai import rounds, store
+from cai.errors import InputError
+from workers import faults, keys
+from workers.lease import Lease, mutex, parse
+from workers.settings import redis_client, settings
+
+TERMINAL = ("failed", "cancelled")
+STATUS_FILE = Path("work") / "status.json"
+KEEP_S = 7 * 24 * 3600  # how long a finished round's events and attempt counts stay in Redis
+
+
+# ---------------------------------------------------------------- durable round status
+
+
+def durable_status(rd: Path) -> dict:
+    p = rd / STATUS_FILE
+    return store.read_json(p) if p.exists() else {}
+
+
+def is_over(rd: Path) -> bool:
+    return durable_status(rd).get("status") in TERMINAL
+
+
+def set_status(round_id: str, status: str, error: str | None = None) -> None:
+    """Record the round's status in the store (status file + manifest) and mirror it in Redis."""
+    rd = store.round_path(round_id)
+    r = redis_client()
+    with mutex(r, keys.manifest_lock(round_id)):
+        # the manifest first: whoever sees the status file (the commit point) also sees the manifest
+        rounds.write_manifest(rd, extra={"status": status, "error": error})
+        store.write_json(rd / STATUS_FILE, {"status": status, "error": error, "at": time.time()})
+    r.hset(keys.round_state(round_id), mapping={"status": status, "error": error or "", "updated": time.time()})
+    if status in TERMINAL or status == "succeeded":
+        r.srem(keys.ACTIVE, round_id)
+    else:
+        r.sadd(keys.ACTIVE, round_id)
+    event(round_id, status, error=error)
+    if status == "succeeded":  # every output is in the store: Redis keeps only a week of history
+        fences = list(r.scan_iter(keys.fence(round_id, "*")))
+        if fences:
+            r.delete(*fences)
+        for key in (keys.round_state(round_id), keys.attempts(round_id), keys.events(round_id)):
+            r.expire(key, KEEP_S)
+
+
+def event(round_id: str, kind: str, **data) -> None:
+    r = redis_client()
+    r.rpush(keys.events(round_id), json.dumps({"t": round(time.time(), 3), "event": kind, **data}))
+    r.ltrim(keys.events(round_id), -2000, -1)
+
+
+def events(round_id: str) -> list[dict]:
+    return [json.loads(x) for x in redis_client().lrange(keys.events(round_id), 0, -1)]
+
+
+# ---------------------------------------------------------------- submitting and advancing
+
+
+def submit(*, parent: str | None = None, **prepare_kwargs) -> str:
+    """Validate and write a new round into the store, then queue its first units.
+
+    The round is prepared in a hidden temp folder beside its final place and moved in
+    only when every input is valid, so bad input leaves nothing in the store or queues.
+    """
+    from workers.settings import ping
+
+    ping()
+    parent_policy = None
+    if parent is not None:
+        parent_policy = str(store.round_path(parent) / "adapters" / "policy")
+    round_id = store.new_round_id()
+    target = store.round_path(round_id, must_exist=False)
+    tmp = store.tmp_dir_beside(target)
+    try:
+        rounds.prepare(tmp, round_id=round_id, parent=parent, parent_policy=parent_policy, **prepare_kwargs)
+        if not store.commit_dir(tmp, target):
+            raise InputError(f"round {round_id}: already in the store")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    set_status(round_id, "queued")
+    event(round_id, "submitted", parent=parent)
+    advance(round_id)
+    return round_id
+
+
+def enqueue(round_id: str, unit: rounds.Unit, force: bool = False) -> bool:
+    """Send the unit's message unless its lease is live, or (unless forced) one was sent
+    recently and not yet picked up."""
+    from workers.app import app
+
+    r = redis_client()
+    if r.exists(keys.lease(round_id, unit.key)):
+        return False
+    if not r.set(keys.queued(round_id, unit.key), time.time(), nx=not force, ex=int(settings().requeue_after)):
+        return False
+    if unit.shard is None:
+        app.send_task(keys.TASK_TRAIN, args=[round_id, unit.stage], queue=keys.queue_of(unit.stage))
+    else:
+        app.send_task(keys.TASK_SHARD, args=[round_id, unit.stage, unit.shard], queue=keys.queue_of(unit.stage))
+    return True
+
+
+def advance(round_id: str, force: bool = False) -> list[str]:
+    """Merge the stages whose shards are all present, mark the round succeeded when every
+    stage is, else queue the units whose inputs are present and that have no live lease.
+    Returns the units queued. With force (`resume`) a unit is re-sent even if one was
+    sent recently."""
+    rd = store.round_path(round_id)
+    cfg = rounds.load_config(rd)
+    with mutex(redis_client(), keys.manifest_lock(round_id)):  # merges rewrite the manifest: not while the status changes
+        if is_over(rd):
+            return []
+        for stage in cfg.stages:
+            rounds.finalize(rd, stage)
+        finished = rounds.finished(rd, cfg)
+    if finished:
+        if durable_status(rd).get("status") != "succeeded":
+            set_status(round_id, "succeeded")
+        return []
+    sent = [u.key for u in rounds.runnable(rd, cfg) if enqueue(round_id, u, force=force)]
+    if sent:
+        event(round_id, "queued", units=sent, force=force)
+    return sent
+
+
+def reconcile_all() -> dict:
+    """The periodic check: every active round re-queues work with no output, no live lease
+    and no recent message. One worker of the cluster does it per interval."""
+    r = redis_client()
+    interval = settings().reconcile_interval
+    if not r.set(keys.RECONCILER, socket.gethostname(), nx=True, px=int(interval * 1000 * 0.9)):
+        return {}
+    out = {}
+    for round_id in sorted(r.smembers(keys.ACTIVE)):
+        try:
+            out[round_id] = advance(round_id)
+        except InputError:
+            r.srem(keys.ACTIVE, round_id)  # gone from the store
+    return out
+
+
+# ---------------------------------------------------------------- working on a unit
+
+
+@dataclass
+class Outcome:
+    result: str  # committed | done | discarded | busy | error | failed | dropped
+    retry_in: float | None = None
+
+
+def attempts_file(rd: Path, unit: rounds.Unit) -> Path:
+    return rd / "work" / "attempts" / (unit.key.replace("/", "-") + ".json")
+
+
+def _count_attempt(round_id: str, rd: Path, unit: rounds.Unit, worker: str) -> tuple[int, dict]:
+    """Count an attempt in Redis and in the round folder; the larger count wins, so losing
+    Redis doesn't reset it. Only the lease holder calls this."""
+    r = redis_client()
+    path = attempts_file(rd, unit)
+    rec = store.read_json(path) if path.exists() else {"unit": unit.key, "attempts": 0, "history": []}
+    n = r.hincrby(keys.attempts(round_id), unit.key, 1)
+    if n <= rec["attempts"]:
+        n = rec["attempts"] + 1
+        r.hset(keys.attempts(round_id), unit.key, n)
+    rec["attempts"] = n
+    rec["history"].append({"attempt": n, "worker": worker, "started": time.time()})
+    store.write_json(path, rec)
+    return n, rec
+
+
+def _end_attempt(rd: Path, unit: rounds.Unit, rec: dict, result: str, error: str | None = None) -> None:
+    rec["history"][-1].update({"ended": time.time(), "result": result, **({"error": error} if error else {})})
+    store.write_json(attempts_file(rd, unit), rec)
+
+
+def _why_failed(rec: dict) -> str:
+    last = rec["history"][-2] if len(rec["history"]) > 1 else {}
+    if last.get("error"):
+        return last["error"]
+    return f"the worker running it ({last.get('worker', '?')}) died without reporting an error (killed, out of memory, or over its hard time limit)"
+
+
+def work(round_id: str, unit: rounds.Unit, cache: rounds.ModelCache, worker: str, task_id: str) -> Outcome:
+    """One delivery of one unit's message. The caller retries after `retry_in` when set."""
+    s = settings()
+    r = redis_client()
+    try:
+        rd = store.round_path(round_id)
+    except InputError:
+        return Outcome("dropped")  # the round was removed from the store
+    if is_over(rd):
+        event(round_id, "dropped", unit=unit.key, worker=worker)
+        return Outcome("dropped")
+    if rounds.is_done(rd, unit):
+        r.delete(keys.queued(round_id, unit.key))
+        event(round_id, "done-already", unit=unit.key, worker=worker)
+        advance(round_id)
+        return Outcome("done")
+    lease = Lease.acquire(r, round_id, unit.key, worker, task_id, s.lease_ttl)
+    if lease is None:
+        left = max(0.0, (r.pttl(keys.lease(round_id, unit.key)) or 0) / 1000)
+        wait = min(s.busy_retry_max, max(1.0, left + 0.5))
+        event(round_id, "busy", unit=unit.key, worker=worker, retry_in=round(wait, 1))
+        return Outcome("busy", retry_in=wait)
+    r.delete(keys.queued(round_id, unit.key))  # picked up: from here the live lease keeps the reconciler off it
+    with lease:
+        n, rec = _count_attempt(round_id, rd, unit, worker)
+        if n > s.max_attempts:
+            _end_attempt(rd, unit, rec, "gave-up")
+            fail(round_id, f"{unit.key}: gave up after {s.max_attempts} attempts; last: {_why_failed(rec)}", spare=task_id)
+            return Outcome("failed")
+        event(round_id, "started", unit=unit.key, worker=worker, token=lease.token, attempt=n)
+        lease.start_heartbeat(s.heartbeat)
+        faults.before_run(unit.key)
+        meta = {"runner": "queue", "worker": worker, "task_id": task_id, "token": lease.token, "attempt": n}
+        try:
+            committed = rounds.run_unit(rd, unit, cache, meta=meta, guard=lambda: not is_over(rd) and lease.current())
+        except InputError as e:  # the round's own data can't go on (e.g. too few rows to train): no retry helps
+            msg = "; ".join(e.problems)
+            _end_attempt(rd, unit, rec, "error", msg)
+            fail(round_id, f"{unit.key}: {msg}", spare=task_id)
+            return Outcome("failed")
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e)[:500]}"
+            _end_attempt(rd, unit, rec, "error", msg)
+            event(round_id, "error", unit=unit.key, worker=worker, attempt=n, error=msg)
+            if n >= s.max_attempts:
+                fail(round_id, f"{unit.key}: failed {n} attempts; last: {msg}", spare=task_id)
+                return Outcome("failed")
+            r.set(keys.queued(round_id, unit.key), time.time(), ex=int(s.requeue_after))  # our retry is on its way
+            return Outcome("error", retry_in=s.error_retry_delay)
+        result = "committed" if committed else ("done" if rounds.is_done(rd, unit) else "discarded")
+        _end_attempt(rd, unit, rec, result)
+        event(round_id, result, unit=unit.key, worker=worker, token=lease.token, attempt=n)
+    advance(round_id)
+    return Outcome(result)
+
+
+# ---------------------------------------------------------------- ending and resuming
+
+
+def _stop_running(round_id: str, spare: str | None = None) -> list[str]:
+    """Ask the workers to terminate the tasks that hold leases on this round's units
+    (except `spare`, the caller's own task)."""
+    from workers.app import app
+
+    r = redis_client()
+    ids = [parse(v)["task_id"] for k in r.scan_iter(keys.lease(round_id, "*")) if (v := r.get(k))]
+    ids = [i for i in ids if i and i != spare]
+    if ids:
+        app.control.revoke(ids, terminate=True, signal="SIGTERM")
+    return ids
+
+
+def fail(round_id: str, error: str, spare: str | None = None) -> None:
+    """Mark the round failed. Its queued messages are dropped as they are delivered, and
+    running units of it are stopped (their outputs would be refused anyway)."""
+    set_status(round_id, "failed", error)
+    _stop_running(round_id, spare)
+
+
+def cancel(round_id: str) -> str:
+    rd = store.round_path(round_id)
+    if rounds.finished(rd):
+        return "succeeded"
+    status = durable_status(rd).get("status")
+    if status in TERMINAL:
+        return status
+    set_status(round_id, "cancelled", "cancelled by the user")
+    _stop_running(round_id)
+    return "cancelled"
+
+
+def resume(round_id: str) -> list[str]:
+    """Re-queue what has no output and no live lease. A failed or cancelled round starts
+    again with fresh attempt counts for its unfinished units."""
+    rd = store.round_path(round_id)
+    if durable_status(rd).get("status") in TERMINAL:
+        r = redis_client()
+        cfg = rounds.load_config(rd)
+        for u in [u for stage in cfg.stages for u in rounds.units_of(rd, stage, cfg) if not rounds.is_done(rd, u)]:
+            attempts_file(rd, u).unlink(missing_ok=True)
+            r.hdel(keys.attempts(round_id), u.key)
+        set_status(round_id, "queued")
+    elif not rounds.finished(rd):
+        redis_client().sadd(keys.ACTIVE, round_id)
+    event(round_id, "resumed")
+    return advance(round_id, force=True)
