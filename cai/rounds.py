@@ -421,8 +421,7 @@ def run_unit(round_dir: Path, unit: Unit, cache: ModelCache, meta: dict | None =
     out = unit_output(round_dir, unit)
     if out.exists() or not guard():  # someone else committed, or our lease is stale: theirs stands
         return False
-    store.write_json(out, payload)
-    return True
+    return store.create_json(out, payload)  # exclusive: of two racing commits exactly one lands
 
 
 def finalize(round_dir: Path, stage: str) -> bool:

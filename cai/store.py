@@ -172,3 +172,21 @@ def pull(round_dir: Path, dest: Path) -> list[Path]:
         (base / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, base / rel)
     return [rel for _, rel in plan]
+
+
+def create_json(path: Path, obj: Any) -> bool:
+    """Commit a JSON file only if none exists yet (write temp, then hard-link into place:
+    the link fails if another writer got there first). True if ours is the one in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
