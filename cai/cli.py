@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -99,26 +99,43 @@ def cons_schema(to: Optional[Path] = typer.Option(None, "--out", help="Write her
 
 # ---------------------------------------------------------------- rounds
 
+# The round options `run` and `submit` share, declared once.
+ConstitutionOpt = Annotated[Path, typer.Option(help="Constitution YAML.")]
+PromptsOpt = Annotated[Optional[str], typer.Option(help="Prompts: .jsonl, .parquet, a dataset folder, or a shipped set (sample, red-team, helpful, borderline, all).")]
+StagesOpt = Annotated[Optional[str], typer.Option(help="Comma-separated stages (default: all of respond,critique,train-sft,pairs,label,train-rm,train-policy).")]
+LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Use only the first N prompts.")]
+PassesOpt = Annotated[int, typer.Option(min=1, max=8, help="Critique-revise passes per prompt.")]
+MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Tokens per generated answer.")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Generation batch size.")]
+ShardSizeOpt = Annotated[int, typer.Option(min=1, help="Prompts per shard (one unit of work).")]
+SeedOpt = Annotated[int, typer.Option(help="Round seed.")]
+JudgeOpt = Annotated[Optional[str], typer.Option(help="Feedback model spec (default: the policy's base model).")]
+PairsOpt = Annotated[Optional[str], typer.Option(help="Label an existing responses file (JSONL: prompt + responses: [a, b]).")]
+PrinciplesPerPairOpt = Annotated[int, typer.Option(min=1, help="Principles sampled per pair for labeling.")]
+MinMarginOpt = Annotated[float, typer.Option(min=0, max=0.99, help="Pairs with a smaller label margin stay out of training data.")]
+CotOpt = Annotated[bool, typer.Option("--cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6].")]
+RecipeOpt = Annotated[str, typer.Option(help="Training recipe: cpu-tiny, gpu-8b, or a YAML path.")]
+
 
 @round_app.command("run")
 def round_run(
-    constitution: Path = typer.Option(DEFAULT_CONSTITUTION, help="Constitution YAML."),
-    prompts: Optional[str] = typer.Option(None, help="Prompts: .jsonl, .parquet, a dataset folder, or a shipped set (sample, red-team, helpful, borderline, all)."),
+    constitution: ConstitutionOpt = DEFAULT_CONSTITUTION,
+    prompts: PromptsOpt = None,
     model: str = typer.Option("smollm2-135m", help="Model spec: smollm2-135m, a local folder, or a cached hub id."),
-    stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default: all of respond,critique,train-sft,pairs,label,train-rm,train-policy)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N prompts."),
+    stages: StagesOpt = None,
+    limit: LimitOpt = None,
     out_dir: Path = typer.Option(..., "--out", help="Round folder to create (must be new or empty)."),
-    passes: int = typer.Option(2, min=1, max=8, help="Critique-revise passes per prompt."),
-    max_new_tokens: int = typer.Option(96, min=1, help="Tokens per generated answer."),
-    batch_size: int = typer.Option(16, min=1, help="Generation batch size."),
-    shard_size: int = typer.Option(32, min=1, help="Prompts per shard."),
-    seed: int = typer.Option(0, help="Round seed."),
-    judge: Optional[str] = typer.Option(None, help="Feedback model spec (default: the policy's base model)."),
-    pairs: Optional[str] = typer.Option(None, help="Label an existing responses file (JSONL: prompt + responses: [a, b])."),
-    principles_per_pair: int = typer.Option(4, min=1, help="Principles sampled per pair for labeling."),
-    min_margin: float = typer.Option(0.1, min=0, max=0.99, help="Pairs with a smaller label margin stay out of training data."),
-    cot: bool = typer.Option(False, "--cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6]."),
-    recipe: str = typer.Option("cpu-tiny", help="Training recipe: cpu-tiny, gpu-8b, or a YAML path."),
+    passes: PassesOpt = 2,
+    max_new_tokens: MaxNewTokensOpt = 96,
+    batch_size: BatchSizeOpt = 16,
+    shard_size: ShardSizeOpt = 32,
+    seed: SeedOpt = 0,
+    judge: JudgeOpt = None,
+    pairs: PairsOpt = None,
+    principles_per_pair: PrinciplesPerPairOpt = 4,
+    min_margin: MinMarginOpt = 0.1,
+    cot: CotOpt = False,
+    recipe: RecipeOpt = "cpu-tiny",
 ) -> None:
     """Run a round here, in process (no queue), writing the round folder."""
     from cai import rounds
@@ -183,23 +200,23 @@ def _redis() -> None:
 
 @round_app.command("submit")
 def round_submit(
-    constitution: Path = typer.Option(DEFAULT_CONSTITUTION, help="Constitution YAML."),
-    prompts: Optional[str] = typer.Option(None, help="Prompts: .jsonl, .parquet, a dataset folder, or a shipped set (sample, red-team, helpful, borderline, all)."),
+    constitution: ConstitutionOpt = DEFAULT_CONSTITUTION,
+    prompts: PromptsOpt = None,
     model: str = typer.Option("smollm2-135m", help="Model spec: smollm2-135m, a local folder, or a cached hub id (as the workers see it)."),
-    stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default: all available)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N prompts."),
+    stages: StagesOpt = None,
+    limit: LimitOpt = None,
     parent: Optional[str] = typer.Option(None, help="Parent round id: the policy starts from its adapters/policy."),
-    passes: int = typer.Option(2, min=1, max=8, help="Critique-revise passes per prompt."),
-    max_new_tokens: int = typer.Option(96, min=1, help="Tokens per generated answer."),
-    batch_size: int = typer.Option(16, min=1, help="Generation batch size."),
-    shard_size: int = typer.Option(32, min=1, help="Prompts per shard (one task each)."),
-    seed: int = typer.Option(0, help="Round seed."),
-    judge: Optional[str] = typer.Option(None, help="Feedback model spec (default: the policy's base model)."),
-    pairs: Optional[str] = typer.Option(None, help="Label an existing responses file (JSONL: prompt + responses: [a, b])."),
-    principles_per_pair: int = typer.Option(4, min=1, help="Principles sampled per pair for labeling."),
-    min_margin: float = typer.Option(0.1, min=0, max=0.99, help="Pairs with a smaller label margin stay out of training data."),
-    cot: bool = typer.Option(False, "--cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6]."),
-    recipe: str = typer.Option("cpu-tiny", help="Training recipe: cpu-tiny, gpu-8b, or a YAML path."),
+    passes: PassesOpt = 2,
+    max_new_tokens: MaxNewTokensOpt = 96,
+    batch_size: BatchSizeOpt = 16,
+    shard_size: ShardSizeOpt = 32,
+    seed: SeedOpt = 0,
+    judge: JudgeOpt = None,
+    pairs: PairsOpt = None,
+    principles_per_pair: PrinciplesPerPairOpt = 4,
+    min_margin: MinMarginOpt = 0.1,
+    cot: CotOpt = False,
+    recipe: RecipeOpt = "cpu-tiny",
 ) -> None:
     """Validate a round, put it in the store and queue it; prints the round id."""
     from workers import service

@@ -140,14 +140,15 @@ def four_bit_available() -> str | None:
     return None
 
 
-def bnb_config(compute_dtype: str = "float32"):
+def bnb_config(compute_dtype: str = "float32", double_quant: bool = True):
+    """The one place plain 4-bit settings become a BitsAndBytesConfig (NF4)."""
     import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
     )
 

@@ -75,6 +75,18 @@ def load_base(base_path: str, recipe: Recipe, *, seq_cls: bool = False):
     return model, tok
 
 
+def start_from(model, recipe: Recipe, adapter: str | None, task_type: str = "CAUSAL_LM"):
+    """(model, peft_config) for a trainer: a fresh LoRA from the recipe, or, when an adapter
+    is given (a parent's policy, the SFT policy), that adapter loaded trainable."""
+    from peft import PeftModel
+
+    from cai.train.recipe import lora_config
+
+    if adapter:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True), None
+    return model, lora_config(recipe, task_type)
+
+
 def marker_callback():
     """A TrainerCallback that marks a checkpoint complete once the Trainer has written it."""
     from transformers import TrainerCallback

@@ -13,7 +13,7 @@ from typing import Callable
 
 from cai import store
 from cai.train import common
-from cai.train.recipe import Recipe, dpo_config, lora_config
+from cai.train.recipe import Recipe, dpo_config
 from cai.train.reward import WithColumn
 
 
@@ -47,7 +47,6 @@ def _weighted_trainer():
 def train(base_path: str, data: Path, target: Path, ckpt_dir: Path, recipe: Recipe, card: dict,
           sft_adapter: str | None = None, guard: Callable[[], bool] = lambda: True) -> bool:
     from datasets import Dataset
-    from peft import PeftModel
     from trl import DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -57,11 +56,8 @@ def train(base_path: str, data: Path, target: Path, ckpt_dir: Path, recipe: Reci
         common.check_adapter_base(Path(sft_adapter), base_path)
     started = time.time()
     model, tok = common.load_base(base_path, recipe)
-    peft_config = lora_config(recipe)
-    if sft_adapter:
-        # TRL copies a pretrained "default" adapter into a frozen "ref" adapter for the reference
-        model = PeftModel.from_pretrained(model, sft_adapter, is_trainable=True)
-        peft_config = None
+    # TRL copies a pretrained "default" adapter into a frozen "ref" adapter for the reference
+    model, peft_config = common.start_from(model, recipe, sft_adapter)
     weighted = recipe.dpo.weight_by_confidence
     ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                              **({"weight": float(r.get("margin", 1.0))} if weighted else {})} for r in rows])

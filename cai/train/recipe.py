@@ -95,13 +95,9 @@ def load(spec: str | Path) -> Recipe:
 def bnb_config(recipe: Recipe):
     if not recipe.quant.four_bit:
         return None
-    import torch
-    from transformers import BitsAndBytesConfig
+    from cai.models import bnb_config as nf4
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=recipe.quant.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, recipe.quant.compute_dtype),
-    )
+    return nf4(recipe.quant.compute_dtype, recipe.quant.double_quant)
 
 
 def lora_config(recipe: Recipe, task_type: str = "CAUSAL_LM"):

@@ -10,7 +10,7 @@ from typing import Callable
 
 from cai import store
 from cai.train import common
-from cai.train.recipe import Recipe, lora_config, sft_config
+from cai.train.recipe import Recipe, sft_config
 
 
 def to_prompt_completion(rows: list[dict]) -> list[dict]:
@@ -22,7 +22,6 @@ def train(base_path: str, data: Path, target: Path, ckpt_dir: Path, recipe: Reci
           init_adapter: str | None = None, guard: Callable[[], bool] = lambda: True) -> bool:
     """Train and commit an SFT adapter at target; resumes from ckpt_dir's last complete checkpoint."""
     from datasets import Dataset
-    from peft import PeftModel
     from trl import SFTTrainer
 
     rows = to_prompt_completion(store.read_jsonl(data))
@@ -31,10 +30,7 @@ def train(base_path: str, data: Path, target: Path, ckpt_dir: Path, recipe: Reci
         common.check_adapter_base(Path(init_adapter), base_path)
     started = time.time()
     model, tok = common.load_base(base_path, recipe)
-    peft_config = lora_config(recipe)
-    if init_adapter:  # a self-improvement round starts from its parent's policy
-        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
-        peft_config = None
+    model, peft_config = common.start_from(model, recipe, init_adapter)  # a child round: the parent's policy
     trainer = SFTTrainer(model=model, args=sft_config(recipe, ckpt_dir), train_dataset=Dataset.from_list(rows),
                          processing_class=tok, peft_config=peft_config, callbacks=[common.marker_callback()])
     resume = common.last_complete_checkpoint(ckpt_dir)
