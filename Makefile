@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
+	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server) \
+	  || { echo "make demo: redis-server is needed; install it (Debian: apt-get install redis-server) or set CAI_REDIS_URL"; exit 2; }
 	$(BIN)/cai demo
 
 test: install
