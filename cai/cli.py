@@ -6,7 +6,11 @@ holds logic the library doesn't. Light commands (constitution ...) never import 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,8 +31,20 @@ app.add_typer(round_app, name="round")
 out = Console()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONSTITUTION = REPO / "constitution" / "default.yaml"
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but \n and \t (ESC included), DEL, C1
+
+
+def shown(value: object, markup: bool = False) -> str:
+    """Text from the store or from input, safe to echo: control characters become \\xNN
+    (no ESC sequence or OSC-8 link reaches the terminal); with markup=True also escaped
+    for rich markup, for text printed inside a markup string."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    if markup:
+        from rich.markup import escape
+
+        text = escape(text)
+    return text
+
 
 
 # ---------------------------------------------------------------- constitution
@@ -99,81 +115,86 @@ def cons_schema(to: Optional[Path] = typer.Option(None, "--out", help="Write her
 
 # ---------------------------------------------------------------- rounds
 
-# The round options `run` and `submit` share, declared once.
-ConstitutionOpt = Annotated[Path, typer.Option(help="Constitution YAML.")]
+# The round options `run` and `submit` share, declared once. Each is None unless given: a
+# flag only overrides its key of --config (or of the defaults in cai.config.RoundConfig).
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Round config YAML (e.g. a round's round.yaml); flags override its keys.")]
+ConstitutionOpt = Annotated[Optional[Path], typer.Option(help="Constitution YAML (default: constitution/default.yaml).")]
 PromptsOpt = Annotated[Optional[str], typer.Option(help="Prompts: .jsonl, .parquet, a dataset folder, or a shipped set (sample, red-team, helpful, borderline, all).")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Model spec: smollm2-135m (default), a local folder, or a cached hub id.")]
 StagesOpt = Annotated[Optional[str], typer.Option(help="Comma-separated stages (default: all of respond,critique,train-sft,pairs,label,train-rm,train-policy).")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Use only the first N prompts.")]
-PassesOpt = Annotated[int, typer.Option(min=1, max=8, help="Critique-revise passes per prompt.")]
-MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Tokens per generated answer.")]
-BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Generation batch size.")]
-ShardSizeOpt = Annotated[int, typer.Option(min=1, help="Prompts per shard (one unit of work).")]
-SeedOpt = Annotated[int, typer.Option(help="Round seed.")]
+PassesOpt = Annotated[Optional[int], typer.Option(min=1, max=8, help="Critique-revise passes per prompt (2).")]
+MaxNewTokensOpt = Annotated[Optional[int], typer.Option(min=1, help="Tokens per generated answer (96).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(min=1, help="Generation and labeling batch size (16).")]
+ShardSizeOpt = Annotated[Optional[int], typer.Option(min=1, help="Prompts per shard, one unit of work (32).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Round seed (0).")]
 JudgeOpt = Annotated[Optional[str], typer.Option(help="Feedback model spec (default: the policy's base model).")]
 PairsOpt = Annotated[Optional[str], typer.Option(help="Label an existing responses file (JSONL: prompt + responses: [a, b]).")]
-PrinciplesPerPairOpt = Annotated[int, typer.Option(min=1, help="Principles sampled per pair for labeling.")]
-MinMarginOpt = Annotated[float, typer.Option(min=0, max=0.99, help="Pairs with a smaller label margin stay out of training data.")]
-CotOpt = Annotated[bool, typer.Option("--cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6].")]
-RecipeOpt = Annotated[str, typer.Option(help="Training recipe: cpu-tiny, gpu-8b, or a YAML path.")]
+PrinciplesPerPairOpt = Annotated[Optional[int], typer.Option(min=1, help="Principles sampled per pair for labeling (4).")]
+MinMarginOpt = Annotated[Optional[float], typer.Option(min=0, max=0.99, help="Pairs with a smaller label margin stay out of training data (0.1).")]
+MinMassOpt = Annotated[Optional[float], typer.Option(min=0, max=0.99, help="Judge evaluations with less probability on A/B are invalid (0.05).")]
+CotOpt = Annotated[Optional[bool], typer.Option("--cot/--no-cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6].")]
+KeepDegenerateOpt = Annotated[Optional[bool], typer.Option("--keep-degenerate/--drop-degenerate", help="Keep SFT rows whose every revision was degenerate (dropped by default).")]
+RecipeOpt = Annotated[Optional[str], typer.Option(help="Training recipe: cpu-tiny (default), gpu-8b, or a YAML path.")]
+
+
+def _round_config(config, constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size, shard_size,
+                  seed, judge, pairs, principles_per_pair, min_margin, min_mass, cot, keep_degenerate, recipe,
+                  parent=None):
+    """--config (if any) with the flags given on top, as a validated RoundConfig."""
+    from cai import config as config_mod
+
+    data = config_mod.load(config) if config else {}
+    top = {"constitution": str(constitution) if constitution else None, "prompts": prompts, "model": model,
+           "stages": [x.strip() for x in stages.split(",") if x.strip()] if stages is not None else None,
+           "limit": limit, "shard_size": shard_size, "seed": seed, "judge": judge, "pairs": pairs, "recipe": recipe,
+           "parent": parent}
+    nested = {
+        "sampling": {"max_new_tokens": max_new_tokens, "batch_size": batch_size},
+        "critique": {"passes": passes, "drop_degenerate": None if keep_degenerate is None else not keep_degenerate},
+        "label": {"principles_per_pair": principles_per_pair, "min_margin": min_margin, "min_mass": min_mass,
+                  "chain_of_thought": cot, "batch_size": batch_size},
+    }
+    over = {k: v for k, v in top.items() if v is not None}
+    over.update({k: {kk: vv for kk, vv in d.items() if vv is not None} for k, d in nested.items()})
+    return config_mod.resolve(data, over)
 
 
 @round_app.command("run")
 def round_run(
-    constitution: ConstitutionOpt = DEFAULT_CONSTITUTION,
-    prompts: PromptsOpt = None,
-    model: str = typer.Option("smollm2-135m", help="Model spec: smollm2-135m, a local folder, or a cached hub id."),
-    stages: StagesOpt = None,
-    limit: LimitOpt = None,
-    out_dir: Path = typer.Option(..., "--out", help="Round folder to create (must be new or empty)."),
-    passes: PassesOpt = 2,
-    max_new_tokens: MaxNewTokensOpt = 96,
-    batch_size: BatchSizeOpt = 16,
-    shard_size: ShardSizeOpt = 32,
-    seed: SeedOpt = 0,
-    judge: JudgeOpt = None,
-    pairs: PairsOpt = None,
-    principles_per_pair: PrinciplesPerPairOpt = 4,
-    min_margin: MinMarginOpt = 0.1,
-    cot: CotOpt = False,
-    recipe: RecipeOpt = "cpu-tiny",
+    out_dir: Path = typer.Option(..., "--out", help="Round folder to create (new or empty), or the same round's folder to resume it."),
+    config: ConfigOpt = None, constitution: ConstitutionOpt = None, prompts: PromptsOpt = None, model: ModelOpt = None,
+    stages: StagesOpt = None, limit: LimitOpt = None, passes: PassesOpt = None, max_new_tokens: MaxNewTokensOpt = None,
+    batch_size: BatchSizeOpt = None, shard_size: ShardSizeOpt = None, seed: SeedOpt = None, judge: JudgeOpt = None,
+    pairs: PairsOpt = None, principles_per_pair: PrinciplesPerPairOpt = None, min_margin: MinMarginOpt = None,
+    min_mass: MinMassOpt = None, cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
 ) -> None:
     """Run a round here, in process (no queue), writing the round folder."""
     from cai import rounds
 
-    cfg = rounds.prepare(out_dir, **_round_inputs(
-        constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size, shard_size, seed, judge, pairs,
-        principles_per_pair, min_margin, cot, recipe))
-    err.print(f"round {cfg.round_id} -> {out_dir}")
+    cfg = _round_config(config, constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size,
+                        shard_size, seed, judge, pairs, principles_per_pair, min_margin, min_mass, cot, keep_degenerate,
+                        recipe)
+    from cai import store
+
+    if (out_dir / store.ROUND_FILE).exists():  # the same round again: resume it, keeping every finished unit
+        rnd = rounds.reopen(out_dir, cfg)
+        err.print(f"round {rnd.round_id}: resuming in {out_dir}")
+    else:
+        rnd = rounds.prepare(out_dir, cfg)
+        err.print(f"round {rnd.round_id} -> {out_dir}")
     _run_with_progress(out_dir)
     man = json.loads((out_dir / "manifest.json").read_text())
-    out.print(json.dumps({"round": cfg.round_id, "out": str(out_dir), "counts": man["counts"]}, indent=2))
-
-
-def _round_inputs(constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size, shard_size, seed,
-                  judge, pairs, principles_per_pair, min_margin, cot, recipe) -> dict:
-    """The CLI's round options as rounds.prepare's arguments (shared by run and submit)."""
-    from cai import rounds
-    from cai.critique import CritiqueSettings
-    from cai.feedback import LabelSettings
-    from cai.generation import Sampling
-
-    return dict(
-        constitution_path=str(constitution), prompts_spec=prompts, model=model,
-        stages=rounds.parse_stages(stages), limit=limit, shard_size=shard_size, seed=seed,
-        sampling=Sampling(max_new_tokens=max_new_tokens, batch_size=batch_size),
-        critique=CritiqueSettings(passes=passes), judge=judge, pairs_path=pairs, recipe=recipe,
-        label=LabelSettings(principles_per_pair=principles_per_pair, min_margin=min_margin, chain_of_thought=cot,
-                            batch_size=batch_size),
-    )
+    out.print(json.dumps({"round": rnd.round_id, "out": str(out_dir), "counts": man["counts"]}, indent=2))
 
 
 def _run_with_progress(round_dir: Path) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cai import rounds
+    from cai import plan, rounds
 
-    cfg = rounds.load_config(round_dir)
-    total = sum(len(rounds.units_of(round_dir, s, cfg)) for s in cfg.stages)
+    cfg = plan.load_config(round_dir)
+    total = sum(len(plan.units_of(round_dir, s, cfg)) for s in cfg.stages)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err) as prog:
         task = prog.add_task(f"{cfg.stages[0]}", total=total)
@@ -193,65 +214,56 @@ def _run_with_progress(round_dir: Path) -> None:
 
 def _redis() -> None:
     """Exit 2 with one line when Redis doesn't answer."""
-    from workers.settings import ping
+    from workers import client
 
-    ping()
+    client.ping()
 
 
 @round_app.command("submit")
 def round_submit(
-    constitution: ConstitutionOpt = DEFAULT_CONSTITUTION,
-    prompts: PromptsOpt = None,
-    model: str = typer.Option("smollm2-135m", help="Model spec: smollm2-135m, a local folder, or a cached hub id (as the workers see it)."),
-    stages: StagesOpt = None,
-    limit: LimitOpt = None,
+    config: ConfigOpt = None, constitution: ConstitutionOpt = None, prompts: PromptsOpt = None, model: ModelOpt = None,
+    stages: StagesOpt = None, limit: LimitOpt = None,
     parent: Optional[str] = typer.Option(None, help="Parent round id: the policy starts from its adapters/policy."),
-    passes: PassesOpt = 2,
-    max_new_tokens: MaxNewTokensOpt = 96,
-    batch_size: BatchSizeOpt = 16,
-    shard_size: ShardSizeOpt = 32,
-    seed: SeedOpt = 0,
-    judge: JudgeOpt = None,
-    pairs: PairsOpt = None,
-    principles_per_pair: PrinciplesPerPairOpt = 4,
-    min_margin: MinMarginOpt = 0.1,
-    cot: CotOpt = False,
-    recipe: RecipeOpt = "cpu-tiny",
+    passes: PassesOpt = None, max_new_tokens: MaxNewTokensOpt = None, batch_size: BatchSizeOpt = None,
+    shard_size: ShardSizeOpt = None, seed: SeedOpt = None, judge: JudgeOpt = None, pairs: PairsOpt = None,
+    principles_per_pair: PrinciplesPerPairOpt = None, min_margin: MinMarginOpt = None, min_mass: MinMassOpt = None,
+    cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
 ) -> None:
     """Validate a round, put it in the store and queue it; prints the round id."""
-    from workers import service
+    from workers import client
 
-    # workers run elsewhere, in another folder: a model given as a local path is recorded absolute
-    model, judge = (str(Path(m).expanduser().resolve()) if m and Path(m).expanduser().exists() else m for m in (model, judge))
-    round_id = service.submit(parent=parent, **_round_inputs(
-        constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size, shard_size, seed, judge, pairs,
-        principles_per_pair, min_margin, cot, recipe))
-    print(round_id)
+    cfg = _round_config(config, constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size,
+                        shard_size, seed, judge, pairs, principles_per_pair, min_margin, min_mass, cot, keep_degenerate,
+                        recipe, parent)
+    print(client.submit(cfg))
 
 
 @round_app.command("status")
 def round_status(round_id: str = typer.Argument(..., metavar="ID"),
                  as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Stages and shards of a round: the store's state plus what runs now."""
-    from workers import progress
+    from workers import client
 
     _redis()
-    st = progress.status(round_id)
+    st = client.status(round_id)
     if as_json:
         print(json.dumps(st, indent=2))
         return
     from rich.table import Table
 
-    out.print(f"[bold]{st['round_id']}[/bold]  {st['status']}" + (f"  parent {st['parent']}" if st["parent"] else ""))
+    out.print(f"[bold]{shown(st['round_id'], True)}[/bold]  {shown(st['status'], True)}"
+              + (f"  parent {shown(st['parent'], True)}" if st["parent"] else ""))
     if st["error"]:
-        out.print(f"error: {st['error']}", markup=False)
+        out.print(f"error: {shown(st['error'])}", markup=False)
     t = Table("stage", "status", "units", "running", "queued", "seconds")
     for stage, s in st["stages"].items():
-        t.add_row(stage, s["status"], f"{s['units_done']}/{s['units']}", ",".join(s["running"]), str(s["queued"]), f"{s['seconds']:g}")
+        t.add_row(*(shown(x, True) for x in (stage, s["status"], f"{s['units_done']}/{s['units']}", ",".join(s["running"]),
+                                              s["queued"], f"{s['seconds']:g}")))
     out.print(t)
     for u in st["units"]:
         if u["state"] == "running":
-            out.print(f"  {u['unit']}: running on {u['worker']} for {u['running_s']:g} s (attempt {u['attempts']}, token {u['token']})")
+            out.print(shown(f"  {u['unit']}: running on {u['worker']} for {u['running_s']:g} s (attempt {u['attempts']}, "
+                            f"token {u['token']})"), markup=False)
 
 
 def _watch(round_id: str, interval: float = 1.0) -> str:
@@ -259,29 +271,29 @@ def _watch(round_id: str, interval: float = 1.0) -> str:
     import redis
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from workers import progress
+    from workers import client
 
     _redis()
-    st = progress.status(round_id)
+    st = client.status(round_id)
     with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
                   TimeElapsedColumn(), console=err) as prog:
-        bars = {stage: prog.add_task(stage, total=s["units"], note="") for stage, s in st["stages"].items()}
+        bars = {stage: prog.add_task(shown(stage, True), total=s["units"], note="") for stage, s in st["stages"].items()}
         while True:
             for stage, s in st["stages"].items():
                 note = f"running {','.join(x.split('/')[-1] for x in s['running'])}" if s["running"] else s["status"]
-                prog.update(bars[stage], completed=s["units_done"], note=note)
+                prog.update(bars[stage], completed=s["units_done"], note=shown(note, True))
             if st["status"] in ("succeeded", "failed", "cancelled"):
                 break
             time.sleep(interval)
             try:
-                st = progress.status(round_id)
+                st = client.status(round_id)
             except redis.RedisError as e:
                 prog.console.print(f"redis not answering ({type(e).__name__}); still watching", markup=False)
                 time.sleep(interval)
     if st["error"]:
-        err.print(f"round {round_id} {st['status']}: {st['error']}", markup=False)
+        err.print(shown(f"round {round_id} {st['status']}: {st['error']}"), markup=False)
     else:
-        err.print(f"round {round_id} {st['status']}")
+        err.print(shown(f"round {round_id} {st['status']}"), markup=False)
     return st["status"]
 
 
@@ -295,29 +307,29 @@ def round_watch(round_id: str = typer.Argument(..., metavar="ID"),
 @round_app.command("cancel")
 def round_cancel(round_id: str = typer.Argument(..., metavar="ID")) -> None:
     """Stop a round: queued work is dropped, running units are terminated."""
-    from workers import service
+    from workers import client
 
     _redis()
-    state = service.cancel(round_id)
+    state = client.cancel(round_id)
     print(f"{round_id}: {state}" + ("" if state == "cancelled" else " already; nothing to cancel"))
 
 
 @round_app.command("resume")
 def round_resume(round_id: str = typer.Argument(..., metavar="ID")) -> None:
     """Re-queue what has no output and no live lease (after a Redis loss, a failure or a cancel)."""
-    from workers import service
+    from workers import client
 
     _redis()
-    sent = service.resume(round_id)
+    sent = client.resume(round_id)
     print(f"{round_id}: {len(sent)} units queued" + (f" ({', '.join(sent)})" if sent else ""))
 
 
 @round_app.command("list")
 def round_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Rounds in the store, oldest first, with their lineage (round <- parent <- ...)."""
-    from workers import progress
+    from workers import client
 
-    rows = progress.list_rounds()
+    rows = client.list_rounds()
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -325,21 +337,32 @@ def round_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON
         err.print("no rounds in the store yet (cai round submit ...)")
     for r in rows:  # plain lines: ids and lineage are never cut to a terminal's width
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
-        print(f"{r['round_id']}  {r['status']:<10}  {created}  {r['model']}  lineage: {' <- '.join(r['lineage'])}")
+        print(shown(f"{r['round_id']}  {r['status']:<10}  {created}  {r['model']}  lineage: {' <- '.join(r['lineage'])}"))
 
 
 @round_app.command("pull")
 def round_pull(round_id: str = typer.Argument(..., metavar="ID"),
-               to: Path = typer.Option(..., "--to", help="Folder to create (must be new or empty).")) -> None:
-    """Copy a round's manifest, constitution, datasets, adapters and report into a folder."""
+               to: Path = typer.Option(..., "--to", help="Folder to create (must be new or empty)."),
+               partial: bool = typer.Option(False, "--partial", help="Pull a round that has not finished: what exists so far.")) -> None:
+    """Copy a finished round's manifest, constitution, datasets, adapters and report into a folder
+    (exit 2, nothing written, if it has not finished, unless --partial)."""
     from cai import store
 
     rd = store.round_path(round_id)
+    try:
+        man = store.read_json(rd / store.MANIFEST) if (rd / store.MANIFEST).exists() else {}
+    except ValueError:  # half-written by an older cai, or damaged: it can't say the round finished
+        man = {"status": "unknown (manifest unreadable)"}
+    state = man.get("status") or ("finished" if man.get("finished") else "not started" if not man else "running")
+    unfinished = not man.get("finished")
+    if unfinished and not partial:
+        raise InputError(f"round {round_id} has not finished (status: {state}); nothing pulled. Wait for it "
+                         f"(cai round watch {round_id}), or pull what exists so far with --partial")
     files = store.pull(rd, to)
-    man = json.loads((to / "manifest.json").read_text()) if (to / "manifest.json").exists() else {}
-    if not man.get("finished"):
-        err.print(f"round {round_id} has not finished; pulled what exists so far")
-    err.print(f"pulled {len(files)} files of {round_id} into {to}")
+    if unfinished:
+        err.print(shown(f"round {round_id} has not finished (status: {state}): pulled a partial copy, what exists so far"),
+                  markup=False)
+    err.print(shown(f"pulled {len(files)} files of {round_id} into {to}"), markup=False)
 
 
 @app.command("worker")
@@ -352,17 +375,14 @@ def worker(
     """Run a worker: a thin wrapper over `celery worker` with cai's app and queues."""
     import os
 
-    from workers import keys
+    from workers import client
 
-    bad = [q for q in queues.split(",") if q.strip() not in keys.QUEUES]
-    if bad:
-        raise InputError(f"--queues: unknown queue {', '.join(bad)}; choose from {', '.join(keys.QUEUES)}")
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    bad = [q for q in names if q not in client.QUEUES]
+    if bad or not names:
+        raise InputError(f"--queues: unknown queue {', '.join(bad) or '(none)'}; choose from {', '.join(client.QUEUES)}")
     _redis()
-    from workers.app import app as celery_app
-
-    celery_app.worker_main(["worker", "--queues", ",".join(q.strip() for q in queues.split(",")), "--concurrency",
-                            str(concurrency), "--pool", "prefork", "--loglevel", loglevel,
-                            "--hostname", hostname or f"cai-{os.getpid()}@%h"])
+    client.run_worker(names, concurrency, hostname or f"cai-{os.getpid()}@%h", loglevel)
 
 
 @app.command("demo")
@@ -370,24 +390,27 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
     """The service on this machine: start Redis (if none answers) and a worker, queue a round of
     the default constitution on the bundled sample with the embedded model, watch it, pull it."""
     from cai import store
+    from cai.config import RoundConfig
+    from cai.feedback import LabelSettings
+    from cai.critique import CritiqueSettings
+    from cai.generation import Sampling
     from cai.models import cai_home
-    from workers import local, service
-    from workers.settings import redacted, settings
+    from workers import client
 
-    url = settings().redis_url
+    url = client.redis_url()
     redis_proc = worker_proc = None
     try:
-        if not local.redis_answers(url):
-            redis_proc = local.start_redis(url)
-            err.print(f"started redis-server for {redacted(url)} (stopped at the end)")
+        if not client.redis_answers(url):
+            redis_proc = client.start_redis(url)
+            err.print(f"started redis-server for {client.safe_url(url)} (stopped at the end)")
         log = cai_home() / "logs" / f"demo-worker-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        worker_proc = local.start_worker(log)
+        worker_proc = client.start_worker(log)
         err.print(f"started a worker (log: {log})")
-        local.wait_ready(worker_proc, log)
+        client.wait_ready(worker_proc, log)
         # min_margin 0: the 135M judge's labels are weak (see counts.judge), and the demo shows every stage
-        round_id = service.submit(**_round_inputs(
-            DEFAULT_CONSTITUTION, "sample", "smollm2-135m", None, None, 1, 64, 16, 32, 0, None, None, 4, 0.0, False,
-            "cpu-tiny"))
+        cfg = RoundConfig(prompts="sample", sampling=Sampling(max_new_tokens=64), critique=CritiqueSettings(passes=1),
+                          label=LabelSettings(min_margin=0.0))
+        round_id = client.submit(cfg)
         err.print(f"submitted round {round_id}")
         final = _watch(round_id)
         dest = to / round_id
@@ -397,17 +420,58 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
         if final != "succeeded":
             raise typer.Exit(1)
     finally:
-        local.stop(worker_proc)
-        local.stop(redis_proc, grace=10)
+        client.stop(worker_proc)
+        client.stop(redis_proc, grace=10)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on the device; free some space (or write elsewhere) and run it again",
+    errno.EDQUOT: "disk quota exceeded; free some space (or write elsewhere) and run it again",
+    errno.EACCES: "permission denied; check the owner and mode of this path, or use another folder",
+    errno.EPERM: "operation not permitted; check the owner and mode of this path, or use another folder",
+    errno.EROFS: "read-only file system; write somewhere else",
+    errno.ENOENT: "no such file or folder; check the path",
+}
+
+
+def _os_error_lines(e: OSError) -> list[str]:
+    """One line per problem of an OSError (shutil.Error carries a list of them)."""
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):  # copytree: [(src, dst, why), ...]
+        lines = [f"{src}: could not copy ({why})" for src, _dst, why in e.args[0][:20]]
+        return lines + ([f"... and {len(e.args[0]) - 20} more files that could not be copied"] if len(e.args[0]) > 20 else [])
+    what = _OS_HINTS.get(e.errno) or e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return [f"cai: {what}"]
+    return [f"{os.fsdecode(e.filename) if not isinstance(e.filename, int) else f'fd {e.filename}'}"
+            + (f" -> {os.fsdecode(e.filename2)}" if isinstance(e.filename2, (str, bytes)) else "") + f": {what}"]
 
 
 def main() -> None:
+    """Run the CLI. Bad input, and what the system refuses (a full disk, a permission, a copy
+    that failed), ends as one line per problem on stderr and exit 2; CAI_DEBUG=1 shows the
+    traceback of the latter instead."""
+    debug = bool(os.environ.get("CAI_DEBUG"))
     try:
         app()
+        return
     except InputError as e:
-        for line in e.problems:
-            err.print(line, markup=False)
-        sys.exit(2)
+        lines = e.problems
+    except OSError as e:  # ENOSPC, EACCES, shutil.Error, ...
+        if debug:
+            raise
+        lines = _os_error_lines(e)
+    except RecursionError:
+        if debug:
+            raise
+        lines = ["cai: input nested too deeply; flatten the nested values of the file given"]
+    except UnicodeEncodeError as e:  # a lone surrogate that got past the input checks
+        if debug:
+            raise
+        lines = [f"cai: text holding a lone surrogate ({e.object[e.start:e.end]!a}) can't be written as UTF-8; "
+                 "remove it from the input"]
+    for line in lines:
+        err.print(shown(line), markup=False)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

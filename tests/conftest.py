@@ -1,14 +1,25 @@
-"""Shared fixtures: a CAI_HOME for the test session, the embedded tokenizer, and a tiny
-random-weight Llama (built from a config, real transformers code) saved as a model folder."""
+"""Shared fixtures and helpers: a CAI_HOME for the test session, the embedded tokenizer, a
+tiny random-weight Llama (built from a config, real transformers code) saved as a model
+folder, the tests' training recipe, and a cluster (a real redis-server on loopback, real
+`cai worker` processes, a store) for the queue tests."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+TEST_RECIPE = DATA / "test-recipe.yaml"  # two steps per trainer: every test that trains uses it
+CAI = [sys.executable, "-m", "cai.cli"]
 os.environ.setdefault("CAI_HOME", str(REPO / ".cai" / "test-home"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,3 +58,147 @@ def tiny(tiny_model_dir):
     from cai import models
 
     return models.load(str(tiny_model_dir))
+
+
+# ---------------------------------------------------------------- a cluster for the queue tests
+
+# Short leases and sweeps so faults resolve in seconds, not minutes.
+FAST = {
+    "CAI_LEASE_TTL": "2", "CAI_RECONCILE_INTERVAL": "1", "CAI_BUSY_RETRY_MAX": "3", "CAI_ERROR_RETRY_DELAY": "0.5",
+    "CAI_UNACKED_RESTORE_INTERVAL": "1", "CAI_UNACKED_RESTORE_THROTTLE": "1", "CAI_SOFT_SHUTDOWN_TIMEOUT": "0",
+}
+SMALL = ["--max-new-tokens", "8", "--passes", "1", "--principles-per-pair", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float, what: str, every: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class RedisServer:
+    """redis-server on a free loopback port with AOF (fsync always) in its own folder."""
+
+    def __init__(self, folder: Path):
+        import redis
+
+        assert shutil.which("redis-server"), "redis-server is not installed: apt-get install redis-server (.ci/run does it)"
+        self.port, self.dir = free_port(), folder
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis(port=self.port, decode_responses=True)
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                                      "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                                      "--maxmemory-policy", "noeviction"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._answers, 10, "redis-server")
+
+    def _answers(self) -> bool:
+        try:
+            return self.client.ping()
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.client.shutdown()  # writes the AOF, then exits
+            except Exception:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Cluster:
+    """One Redis, one store, the workers started against them, and the CLI pointed at them."""
+
+    def __init__(self, root: Path, model: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "redis").mkdir(exist_ok=True)
+        self.root, self.model = root, model
+        self.redis = RedisServer(root / "redis")
+        self.store = root / "store"
+        self.env = {**os.environ, **FAST, "CAI_REDIS_URL": self.redis.url, "CAI_STORE": str(self.store)}
+        self.workers: list[tuple[subprocess.Popen, Path]] = []
+
+    def cli(self, *args, env=None, timeout=180) -> subprocess.CompletedProcess:
+        return subprocess.run(CAI + [str(a) for a in args], capture_output=True, text=True, env={**self.env, **(env or {})},
+                              timeout=timeout)
+
+    def submit(self, *args) -> str:
+        r = self.cli("round", "submit", "--model", self.model, *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip().splitlines()[-1]
+
+    def worker(self, name: str, **env) -> subprocess.Popen:
+        from workers import local
+
+        log = self.root / f"{name}.log"
+        proc = local.start_worker(log, env={**self.env, **env}, name=f"{name}@%h")
+        self.workers.append((proc, log))
+        local.wait_ready(proc, log)
+        return proc
+
+    def activate(self, monkeypatch) -> None:
+        """Point this process's service calls (status, events) at this cluster."""
+        from workers.settings import settings
+
+        for k in ("CAI_REDIS_URL", "CAI_STORE", *FAST):
+            monkeypatch.setenv(k, self.env[k])
+        settings.cache_clear()
+
+    def round_dir(self, round_id: str) -> Path:
+        return self.store / "rounds" / round_id
+
+    def close(self) -> None:
+        for proc, _ in self.workers:  # teardown only: no need for a warm shutdown
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.redis.proc.kill()
+        self.redis.proc.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path, tiny_model_dir, monkeypatch):
+    made = []
+
+    def make(name="c") -> Cluster:
+        c = Cluster(tmp_path / name, tiny_model_dir)
+        made.append(c)
+        c.activate(monkeypatch)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_model_dir):
+    """A cluster with one plain worker, shared by the tests that cause no faults."""
+    c = Cluster(tmp_path_factory.mktemp("shared"), tiny_model_dir)
+    c.worker("w0")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def on_shared(shared, monkeypatch):
+    shared.activate(monkeypatch)
+    return shared

@@ -3,6 +3,7 @@ from collections import Counter
 from cai import constitution as C
 from cai import prompts as P
 from cai.critique import CritiqueSettings, critique_revise, degenerate, respond, sample_principle
+from cai.engine import LocalEngine
 from cai.generation import Sampling
 from tests.test_constitution import DEFAULT
 
@@ -32,10 +33,11 @@ def test_critique_revise_on_tiny_model(tiny):
     cons = C.load(DEFAULT)
     prompts = P.load("sample").prompts[:5]
     s = Sampling(max_new_tokens=12, batch_size=8, seed=3)
-    responses = respond(model, tok, prompts, s)
+    engine = LocalEngine(model, tok)
+    responses = respond(engine, prompts, s)
     assert [r["prompt_id"] for r in responses] == [p.id for p in prompts]
     settings = CritiqueSettings(passes=2, few_shot=2, drop_degenerate=False)
-    sft, crit = critique_revise(model, tok, cons, responses, settings, s, {"round": "t"})
+    sft, crit = critique_revise(engine, cons, responses, settings, s, {"round": "t"})
     assert len(crit) == 2 * len(prompts) and len(sft) == len(prompts)
     ids = {p.id for p in cons.principles}
     assert all(r["principle"] in ids for r in crit)
@@ -45,5 +47,5 @@ def test_critique_revise_on_tiny_model(tiny):
         assert row["provenance"]["round"] == "t" and len(row["provenance"]["principles"]) == 2
     # a random-weight model never finishes inside 12 tokens: every revision is flagged truncated
     assert {r["degenerate"] for r in crit} <= {"truncated", "repetitive", "empty", "unchanged"}
-    dropped, _ = critique_revise(model, tok, cons, responses, settings.model_copy(update={"drop_degenerate": True}), s, {})
+    dropped, _ = critique_revise(engine, cons, responses, settings.model_copy(update={"drop_degenerate": True}), s, {})
     assert dropped == []

@@ -2,7 +2,9 @@ import pytest
 
 from cai import constitution as C
 from cai.errors import InputError
-from cai.feedback import LabelSettings, choice_token_ids, judge_stats, label_pairs, sample_judge_principles
+from cai.engine import LocalEngine
+from cai.feedback import LabelSettings, judge_stats, label_pairs, sample_judge_principles
+from cai.generation import choice_token_ids
 from tests.test_constitution import DEFAULT, GOOD
 
 PAIRS = [
@@ -33,8 +35,8 @@ def test_choice_tokens_cover_spellings(tiny):
 def test_probabilities_and_symmetry(tiny, cons):
     model, tok = tiny
     s = LabelSettings(principles_per_pair=3, min_mass=0.0)
-    rows = label_pairs(model, tok, cons, PAIRS, s, seed=1, provenance={"round": "t"})
-    swapped = label_pairs(model, tok, cons, _swap(PAIRS), s, seed=1, provenance={})
+    rows = label_pairs(LocalEngine(model, tok), cons, PAIRS, s, seed=1, provenance={"round": "t"})
+    swapped = label_pairs(LocalEngine(model, tok), cons, _swap(PAIRS), s, seed=1, provenance={})
     for r, w in zip(rows, swapped):
         assert 0.5 <= r["p_chosen"] <= 1 and 0 <= r["margin"] <= 1
         assert r["p_first"] == pytest.approx(1 - w["p_first"], abs=1e-5)  # swapping A and B swaps the label
@@ -51,7 +53,7 @@ def test_probabilities_and_symmetry(tiny, cons):
 
 def test_invalid_when_mass_is_low(tiny, cons):
     model, tok = tiny
-    rows = label_pairs(model, tok, cons, PAIRS, LabelSettings(min_mass=0.99), seed=1, provenance={})
+    rows = label_pairs(LocalEngine(model, tok), cons, PAIRS, LabelSettings(min_mass=0.99), seed=1, provenance={})
     assert all(not r["valid"] and r["p_chosen"] == 0.5 for r in rows)  # random model: no mass on A/B
     st = judge_stats(rows, LabelSettings())
     assert st["pairs_invalid"] == 2 and st["pairs_kept"] == 0
@@ -60,7 +62,7 @@ def test_invalid_when_mass_is_low(tiny, cons):
 def test_cot_probabilities_are_clamped(tiny, cons):
     model, tok = tiny
     s = LabelSettings(principles_per_pair=2, min_mass=0.0, chain_of_thought=True, cot_max_new_tokens=4)
-    rows = label_pairs(model, tok, cons, PAIRS, s, seed=1, provenance={})
+    rows = label_pairs(LocalEngine(model, tok), cons, PAIRS, s, seed=1, provenance={})
     for r in rows:
         for x in r["principles"]:
             assert 0.4 <= x["p_first_order0"] <= 0.6 and 0.4 <= x["p_first_order1"] <= 0.6
@@ -90,7 +92,7 @@ def test_missing_preference_question_is_refused(tiny):
     model, tok = tiny
     c = C.parse(GOOD)  # 'honest' has no preference_question
     with pytest.raises(InputError, match="honest have no preference_question"):
-        label_pairs(model, tok, c, PAIRS, LabelSettings(), seed=0, provenance={})
+        label_pairs(LocalEngine(model, tok), c, PAIRS, LabelSettings(), seed=0, provenance={})
 
 
 def test_tokenizer_without_letters_is_refused(tiny_model_dir, tmp_path):

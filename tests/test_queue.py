@@ -9,9 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,160 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CAI, SMALL, TEST_RECIPE, Cluster, free_port, wait_for
 from tests.test_constitution import DEFAULT, GOOD
 
 REPO = Path(__file__).resolve().parents[1]
-CAI = [sys.executable, "-m", "cai.cli"]
-
-# Short leases and sweeps so faults resolve in seconds, not minutes.
-FAST = {
-    "CAI_LEASE_TTL": "2", "CAI_RECONCILE_INTERVAL": "1", "CAI_BUSY_RETRY_MAX": "3", "CAI_ERROR_RETRY_DELAY": "0.5",
-    "CAI_UNACKED_RESTORE_INTERVAL": "1", "CAI_UNACKED_RESTORE_THROTTLE": "1", "CAI_SOFT_SHUTDOWN_TIMEOUT": "0",
-}
-SMALL = ["--max-new-tokens", "8", "--passes", "1", "--principles-per-pair", "1"]
-RECIPE = """\
-name: queue-test
-lora: {r: 4, alpha: 8, target_modules: all-linear}
-quant: {four_bit: true, compute_dtype: float32}
-sft: {max_steps: 2, batch_size: 2, max_length: 160, save_steps: 1, min_rows: 1}
-reward: {max_steps: 2, batch_size: 2, max_length: 160, save_steps: 1, min_rows: 1, heldout_fraction: 0.3}
-dpo: {max_steps: 2, batch_size: 2, max_length: 160, save_steps: 1, min_rows: 1}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond, timeout: float, what: str, every: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-class RedisServer:
-    """redis-server on a free loopback port with AOF (fsync always) in its own folder."""
-
-    def __init__(self, folder: Path):
-        import redis
-
-        assert shutil.which("redis-server"), "redis-server is not installed: apt-get install redis-server (.ci/run does it)"
-        self.port, self.dir = free_port(), folder
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.client = redis.Redis(port=self.port, decode_responses=True)
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                                      "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-                                      "--maxmemory-policy", "noeviction"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._answers, 10, "redis-server")
-
-    def _answers(self) -> bool:
-        try:
-            return self.client.ping()
-        except Exception:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.client.shutdown()  # writes the AOF, then exits
-            except Exception:
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Cluster:
-    """One Redis, one store, the workers started against them, and the CLI pointed at them."""
-
-    def __init__(self, root: Path, model: Path):
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "redis").mkdir(exist_ok=True)
-        self.root, self.model = root, model
-        self.redis = RedisServer(root / "redis")
-        self.store = root / "store"
-        self.env = {**os.environ, **FAST, "CAI_REDIS_URL": self.redis.url, "CAI_STORE": str(self.store)}
-        self.workers: list[tuple[subprocess.Popen, Path]] = []
-
-    def cli(self, *args, env=None, timeout=180) -> subprocess.CompletedProcess:
-        return subprocess.run(CAI + [str(a) for a in args], capture_output=True, text=True, env={**self.env, **(env or {})},
-                              timeout=timeout)
-
-    def submit(self, *args) -> str:
-        r = self.cli("round", "submit", "--model", self.model, *args)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout.strip().splitlines()[-1]
-
-    def worker(self, name: str, **env) -> subprocess.Popen:
-        from workers import local
-
-        log = self.root / f"{name}.log"
-        proc = local.start_worker(log, env={**self.env, **env}, name=f"{name}@%h")
-        self.workers.append((proc, log))
-        local.wait_ready(proc, log)
-        return proc
-
-    def activate(self, monkeypatch) -> None:
-        """Point this process's service calls (status, events) at this cluster."""
-        from workers.settings import settings
-
-        for k in ("CAI_REDIS_URL", "CAI_STORE", *FAST):
-            monkeypatch.setenv(k, self.env[k])
-        settings.cache_clear()
-
-    def round_dir(self, round_id: str) -> Path:
-        return self.store / "rounds" / round_id
-
-    def close(self) -> None:
-        for proc, _ in self.workers:  # teardown only: no need for a warm shutdown
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.redis.proc.kill()
-        self.redis.proc.wait()
-
-
-@pytest.fixture
-def cluster(tmp_path, tiny_model_dir, monkeypatch):
-    made = []
-
-    def make(name="c") -> Cluster:
-        c = Cluster(tmp_path / name, tiny_model_dir)
-        made.append(c)
-        c.activate(monkeypatch)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory, tiny_model_dir):
-    """A cluster with one plain worker, shared by the tests that cause no faults."""
-    c = Cluster(tmp_path_factory.mktemp("shared"), tiny_model_dir)
-    c.worker("w0")
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def on_shared(shared, monkeypatch):
-    shared.activate(monkeypatch)
-    return shared
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -217,21 +65,17 @@ def assert_rows_once(rd: Path, n: int) -> None:
 
 
 def submit_py(c: Cluster, *, stages: str, limit: int, recipe: Path | None = None, parent: str | None = None) -> str:
-    """Submit through the service with settings the CLI doesn't expose (the random tiny model
-    never ends a revision and puts no mass on A/B, so keep degenerate revisions and every label)."""
-    code = (
-        "import sys, json\n"
-        "from cai import rounds\nfrom cai.critique import CritiqueSettings\nfrom cai.feedback import LabelSettings\n"
-        "from cai.generation import Sampling\nfrom workers import service\n"
-        "a = json.loads(sys.argv[1])\n"
-        "print(service.submit(parent=a['parent'], constitution_path=a['cons'], prompts_spec='sample', model=a['model'],\n"
-        "    stages=rounds.parse_stages(a['stages']), limit=a['limit'], shard_size=2, recipe=a['recipe'] or 'cpu-tiny',\n"
-        "    sampling=Sampling(max_new_tokens=8), critique=CritiqueSettings(passes=1, drop_degenerate=False),\n"
-        "    label=LabelSettings(min_mass=0, min_margin=0, principles_per_pair=1)))\n"
-    )
-    arg = json.dumps({"parent": parent, "cons": str(DEFAULT), "model": str(c.model), "stages": stages, "limit": limit,
-                      "recipe": str(recipe) if recipe else None})
-    r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=c.env, timeout=120)
+    """Submit a round config with settings that fit the random tiny model (it never ends a
+    revision and puts no mass on A/B, so keep degenerate revisions and every label)."""
+    cfg = {"constitution": str(DEFAULT), "prompts": "sample", "model": str(c.model), "limit": limit, "shard_size": 2,
+           "recipe": str(recipe or "cpu-tiny"), "sampling": {"max_new_tokens": 8},
+           "critique": {"passes": 1, "drop_degenerate": False},
+           "label": {"min_mass": 0, "min_margin": 0, "principles_per_pair": 1}}
+    if stages:
+        cfg["stages"] = stages.split(",")
+    path = c.root / f"round-{uuid.uuid4().hex[:8]}.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    r = c.cli("round", "submit", "--config", path, *(["--parent", parent] if parent else []))
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.strip().splitlines()[-1]
 
@@ -259,8 +103,7 @@ def messages_of(c: Cluster, round_id: str) -> list[str]:
 @pytest.fixture(scope="module")
 def full_round(shared, tmp_path_factory):
     """Every stage, training included, on the tiny model through the shared worker."""
-    recipe = tmp_path_factory.mktemp("recipe") / "queue-test.yaml"
-    recipe.write_text(RECIPE)
+    recipe = TEST_RECIPE
     with pytest.MonkeyPatch.context() as mp:
         shared.activate(mp)
         t = time.time()
@@ -288,7 +131,7 @@ def test_full_round_end_to_end_through_the_queue(on_shared, full_round, tmp_path
     dest = tmp_path / "pulled"
     p = on_shared.cli("round", "pull", round_id, "--to", dest)
     assert p.returncode == 0, p.stderr
-    assert sorted(x.name for x in dest.iterdir()) == ["adapters", "constitution.yaml", "datasets", "manifest.json"]
+    assert sorted(x.name for x in dest.iterdir()) == ["adapters", "constitution.yaml", "datasets", "manifest.json", "recipe.yaml", "round.yaml"]
     assert sorted(x.name for x in (dest / "adapters").iterdir()) == ["policy", "reward", "sft"]
     man = json.loads((dest / "manifest.json").read_text())
     assert man["status"] == "succeeded" and man["finished"] and man["round_id"] == round_id

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_constitution import DEFAULT, GOOD
+from tests.conftest import TEST_RECIPE
+from tests.test_constitution import GOOD
 
 CAI = [sys.executable, "-m", "cai.cli"]
 
@@ -16,14 +17,6 @@ def run(args, **kw):
     return subprocess.run(CAI + args, capture_output=True, text=True, **kw)
 
 
-E2E_RECIPE = """\
-name: e2e
-lora: {r: 4, alpha: 8, target_modules: all-linear}
-quant: {four_bit: true, compute_dtype: float32}
-sft: {max_steps: 2, batch_size: 2, max_length: 192, save_steps: 1, min_rows: 1}
-reward: {max_steps: 2, batch_size: 2, max_length: 192, save_steps: 1, min_rows: 1, heldout_fraction: 0.3}
-dpo: {max_steps: 2, batch_size: 2, max_length: 192, save_steps: 1, min_rows: 1}
-"""
 
 
 @pytest.mark.e2e
@@ -32,11 +25,10 @@ def test_round_run_every_stage_on_embedded_model(tmp_path, embedded_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    (tmp_path / "recipe.yaml").write_text(E2E_RECIPE)
     out = tmp_path / "round"
     r = run(["round", "run", "--prompts", "sample", "--limit", "6", "--passes", "1", "--max-new-tokens", "32",
              "--shard-size", "3", "--min-margin", "0", "--principles-per-pair", "2",
-             "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out)])
+             "--recipe", str(TEST_RECIPE), "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
     assert man["finished"], man["stages"]

@@ -103,15 +103,34 @@ def test_reward_model_soft_labels_and_heldout_metrics(tiny_model_dir, data, tmp_
     PeftModel.from_pretrained(base, out)
 
 
-def test_soft_label_loss_targets_p_chosen():
+def test_soft_label_loss_is_the_trainers_compute_loss(tiny_model_dir, tmp_path):
+    """SoftLabelRewardTrainer.compute_loss on a real batch: binary cross-entropy of the reward
+    difference against p_chosen, and TRL's own loss when p_chosen is 1."""
     import torch
     import torch.nn.functional as F
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    # the loss used by SoftLabelRewardTrainer is minimized where sigmoid(diff) == p_chosen
-    p = torch.tensor(0.8)
-    diffs = torch.linspace(-4, 4, 801)
-    loss = -(p * F.logsigmoid(diffs) + (1 - p) * F.logsigmoid(-diffs))
-    assert torch.sigmoid(diffs[loss.argmin()]).item() == pytest.approx(0.8, abs=0.01)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} | {"p_chosen": p} for r, p in zip(_pref_rows(4), (0.9, 0.6, 1.0, 0.7))]
+    collator = reward.WithColumn(DataCollatorForPreference(pad_token_id=tok.pad_token_id), "p_chosen")
+    args = R.reward_config(R.load("cpu-tiny"), tmp_path)
+    trainer = reward._trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                                      data_collator=collator)
+    batch = next(iter(trainer.get_train_dataloader()))
+    p = batch["p_chosen"].clone()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    with torch.no_grad():
+        r = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    d = torch.chunk(r, 2)[0] - torch.chunk(r, 2)[1]
+    assert loss.item() == pytest.approx((-(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))).mean().item(), rel=1e-5)
+    hard = dict(batch) | {"p_chosen": torch.ones_like(p)}
+    no_p = {k: v for k, v in batch.items() if k != "p_chosen"}
+    assert trainer.compute_loss(trainer.model, hard).item() == pytest.approx(
+        trainer.compute_loss(trainer.model, no_p).item(), rel=1e-5)  # TRL's -logsigmoid(r_c - r_r)
 
 
 def test_heldout_metrics_math():
@@ -166,7 +185,7 @@ from pathlib import Path
 from cai.train import recipe as R, sft, common
 base, data, out = sys.argv[1:4]
 rec = R.load("cpu-tiny")
-rec = rec.model_copy(update={"sft": rec.sft.model_copy(update={"max_steps": 8, "save_steps": 2, "batch_size": 1})})
+rec = rec.model_copy(update={"sft": rec.sft.model_copy(update={"max_steps": 8, "save_steps": 2, "per_device_train_batch_size": 1})})
 card = common.card_base(kind="SFT", base_model=base, round_id="r", parent=None, constitution_hash=None, recipe=rec, datasets={})
 sft.train(base, Path(data), Path(out) / "adapter", Path(out) / "ck", rec, card)
 """

@@ -1,5 +1,6 @@
 """The Celery app: Redis broker and result backend from CAI_REDIS_URL, JSON only,
-late acks, one message at a time, and a reconcile thread in each worker.
+late acks, one message at a time. (The tasks and each worker's reconcile thread are in
+workers.tasks, which imports this; this imports nothing of the service.)
 
 Why these settings (checked against celery 5.7 / redis 7, see issue 5): Celery over
 Redis delivers at least once. acks_late + reject_on_worker_lost keep a message whose
@@ -12,10 +13,7 @@ and lost. Knows settings and queue names; the work itself is in workers.service.
 
 from __future__ import annotations
 
-import logging
-import threading
-
-from celery import Celery, signals
+from celery import Celery
 from kombu import Exchange, Queue
 
 from workers import keys
@@ -23,10 +21,10 @@ from workers.settings import settings
 
 S = settings()
 VISIBILITY_TIMEOUT = S.effective_visibility_timeout
-log = logging.getLogger("cai.worker")
 
 app = Celery("cai", broker=S.redis_url, backend=S.redis_url, include=["workers.tasks"])
 app.conf.update(
+    broker_transport="workers.transport:Transport",  # kombu's Redis transport that drops undecodable messages
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],         # a pickle (or any other) message is refused before decoding
@@ -56,23 +54,3 @@ app.conf.update(
     worker_send_task_events=True,    # for Flower
     task_send_sent_event=True,
 )
-
-
-@signals.worker_ready.connect
-def _start_reconciler(sender=None, **_) -> None:
-    """Every reconcile_interval, re-queue lost work of active rounds (one worker per interval)."""
-    from workers import service
-
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(S.reconcile_interval):
-            try:
-                sent = {k: v for k, v in service.reconcile_all().items() if v}
-                if sent:
-                    log.warning("reconciler re-queued %s", sent)
-            except Exception as e:  # Redis away, a round folder half-written...: try again next time
-                log.warning("reconciler: %s: %s", type(e).__name__, e)
-
-    threading.Thread(target=loop, name="cai-reconciler", daemon=True).start()
-    signals.worker_shutting_down.connect(lambda **_: stop.set(), weak=False)

@@ -8,22 +8,16 @@ sit beside ours in the same Redis database.
 
 from __future__ import annotations
 
-# ---- queues, by resource
-GENERATE = "generate"  # needs the accelerator: respond, critique, pairs, label shards
-TRAIN = "train"        # needs the accelerator: train-sft, train-rm, train-policy
-CPU = "cpu"            # the rest: nothing yet (evaluate will run here); a worker may consume it
+# ---- queues, by resource (each stage's row in cai.stages names its queue)
+GENERATE = "generate"  # needs the accelerator: generating stages' shards
+TRAIN = "train"        # needs the accelerator: training stages
+CPU = "cpu"            # the rest; a worker may consume it
 QUEUES = (GENERATE, TRAIN, CPU)
-
-TRAINING_STAGES = ("train-sft", "train-rm", "train-policy")
-
-
-def queue_of(stage: str) -> str:
-    return TRAIN if stage in TRAINING_STAGES else GENERATE
 
 
 # ---- task names (the client sends by name and never imports the task module)
-TASK_SHARD = "cai.shard"          # (round_id, stage, shard)
-TASK_TRAIN = "cai.train"          # (round_id, stage)
+TASK_SHARD = "cai.shard"          # (round_id, stage, shard): a unit of a sharded stage
+TASK_TRAIN = "cai.train"          # (round_id, stage): a whole-stage unit (training)
 
 # ---- Redis keys (all ours start with "cai:")
 ACTIVE = "cai:active"          # set of round ids that are neither finished nor failed nor cancelled

@@ -6,17 +6,15 @@ work runs a daemon thread renews the TTL; if the holder dies the lease expires a
 another delivery may take the unit with a higher token. `current()` is the check made
 right before committing an output: true only while this lease is the unit's newest.
 
-`mutex` is a plain short lock (no fencing) for read-modify-write of a shared file.
+redis-py has Lock (used for short mutexes in workers.service) but no fencing tokens, hence this.
 
 Knows Redis and the key names; knows nothing about stages, files or Celery.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from contextlib import contextmanager
 
 from workers import keys
 
@@ -105,21 +103,3 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-@contextmanager
-def mutex(r, key: str, ttl: float = 30.0, wait: float = 60.0):
-    """A short Redis mutex (SET NX PX + compare-and-delete), for read-modify-write of one file
-    by several processes. Waits up to `wait` seconds, then goes ahead anyway: a stuck holder
-    must not stop the round (its TTL would have expired by then)."""
-    token = f"{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
-    deadline = time.time() + wait
-    while not r.set(key, token, nx=True, px=int(ttl * 1000)) and time.time() < deadline:
-        time.sleep(0.02)
-    try:
-        yield
-    finally:
-        try:
-            r.eval(_RELEASE, 1, key, token)
-        except Exception:
-            pass

@@ -22,21 +22,18 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def redis_answers(url: str) -> bool:
-    import redis
+    from workers.settings import answers
 
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping())
-    except redis.RedisError:
-        return False
+    return answers(url, timeout=1.0) is None
 
 
 def start_redis(url: str, data_dir: Path | None = None, appendonly: bool = False) -> subprocess.Popen:
     """A redis-server on the URL's loopback port, in the foreground of a child process."""
-    from workers.settings import redacted
+    from workers.settings import safe_url
 
     parts = urlsplit(url)
     if parts.hostname not in LOOPBACK:
-        raise InputError(f"redis at {redacted(url)}: not answering, and it is not on loopback, so it is not started here; "
+        raise InputError(f"redis at {safe_url(url)}: not answering, and it is not on loopback, so it is not started here; "
                          "start it or set CAI_REDIS_URL")
     exe = shutil.which("redis-server")
     if not exe:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import time
 
-from cai import rounds, store
-from cai.errors import InputError
+from cai import plan, store
 from workers import keys
 from workers.lease import parse
 from workers.service import TERMINAL, durable_status
@@ -21,12 +20,15 @@ def status(round_id: str) -> dict:
     """The round as the store holds it, plus what is live in Redis. Cheap enough to poll:
     file existence checks and one pipelined round trip, no output files read."""
     rd = store.round_path(round_id)
-    cfg = rounds.load_config(rd)
+    cfg = plan.load_config(rd)
     r = redis_client()
     durable = durable_status(rd)
+    live = r.hgetall(keys.round_state(round_id))
+    if live.get("durable") == "0" and live.get("status") in TERMINAL:  # the store could not be written yet
+        durable = {"status": live["status"], "error": live.get("error") or None}
     man = store.read_json(rd / store.MANIFEST) if (rd / store.MANIFEST).exists() else {}
-    all_units = [u for stage in cfg.stages for u in rounds.units_of(rd, stage, cfg)]
-    done = {u.key for u in all_units if rounds.is_done(rd, u)}
+    all_units = [u for stage in cfg.stages for u in plan.units_of(rd, stage, cfg)]
+    done = {u.key for u in all_units if plan.is_done(rd, u)}
     pending = [u for u in all_units if u.key not in done]
     pipe = r.pipeline(transaction=False)
     pipe.hgetall(keys.attempts(round_id))
@@ -48,7 +50,7 @@ def status(round_id: str) -> dict:
                          running_s=round(now - lease["started"], 1))
         elif live[u.key][1]:
             entry["state"] = "queued"
-        elif all(n.key in done for n in rounds.needs(rd, u, cfg)):
+        elif all(n.key in done for n in plan.needs(rd, u, cfg)):
             entry["state"] = "ready"
         else:
             entry["state"] = "waiting"
@@ -58,7 +60,7 @@ def status(round_id: str) -> dict:
         mine = [u for u in units if u["stage"] == stage]
         n_done = sum(u["state"] == "done" for u in mine)
         stages[stage] = {
-            "status": "done" if rounds.stage_done(rd, stage) else ("running" if n_done or any(u["state"] == "running" for u in mine) else "pending"),
+            "status": "done" if plan.stage_done(rd, stage) else ("running" if n_done or any(u["state"] == "running" for u in mine) else "pending"),
             "units_done": n_done, "units": len(mine),
             "running": [u["unit"] for u in mine if u["state"] == "running"],
             "queued": sum(u["state"] == "queued" for u in mine),
@@ -66,8 +68,7 @@ def status(round_id: str) -> dict:
         }
     if durable.get("status") in TERMINAL or durable.get("status") == "succeeded":
         state = durable["status"]
-    elif any(u["state"] == "running" for u in units) or rounds.finished(rd, cfg):  # finished: the last merge is being recorded
-        state = "running"
+    elif any(u["state"] == "running" for u in units) or plan.finished(rd, cfg):  # finished: the last merge is being recorded
         state = "running"
     else:
         state = "queued"
@@ -83,8 +84,8 @@ def lineage(round_id: str) -> list[str]:
     chain, seen = [round_id], {round_id}
     while True:
         try:
-            parent = rounds.load_config(store.round_path(chain[-1])).parent
-        except InputError:
+            parent = plan.load_config(store.round_path(chain[-1])).parent
+        except Exception:  # a parent missing from the store, or unreadable: the chain stops there
             return chain
         if not parent or parent in seen:
             return chain
@@ -97,9 +98,22 @@ def list_rounds() -> list[dict]:
     rows = []
     for round_id in store.list_round_ids():
         rd = store.round_path(round_id)
-        cfg = rounds.load_config(rd)
-        durable = durable_status(rd).get("status")
-        state = durable if durable in TERMINAL else ("succeeded" if rounds.finished(rd, cfg) else "incomplete")
+        try:
+            cfg = plan.load_config(rd)
+            durable = durable_status(rd).get("status")
+        except Exception as e:  # one unreadable round is shown as broken; the others still list
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            rows.append({"round_id": round_id, "status": "broken", "created": _mtime(rd), "model": "?", "stages": [],
+                         "parent": None, "lineage": [round_id], "error": why})
+            continue
+        state = durable if durable in TERMINAL else ("succeeded" if plan.finished(rd, cfg) else "incomplete")
         rows.append({"round_id": round_id, "status": state, "created": cfg.created, "model": cfg.model,
                      "stages": cfg.stages, "parent": cfg.parent, "lineage": lineage(round_id)})
     return sorted(rows, key=lambda x: x["created"])
+
+
+def _mtime(rd) -> float:
+    try:
+        return rd.stat().st_mtime
+    except OSError:
+        return 0.0

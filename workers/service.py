@@ -25,13 +25,17 @@ import json
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai import rounds, store
+from cai import plan, rounds, store
+from cai.models import ModelCache
+from cai.stages import ROW
 from cai.errors import InputError
+from cai.manifest import write_manifest
 from workers import faults, keys
-from workers.lease import Lease, mutex, parse
+from workers.lease import Lease, parse
 from workers.settings import redis_client, settings
 
 TERMINAL = ("failed", "cancelled")
@@ -42,24 +46,56 @@ KEEP_S = 7 * 24 * 3600  # how long a finished round's events and attempt counts 
 # ---------------------------------------------------------------- durable round status
 
 
+@contextmanager
+def manifest_lock(round_id: str, ttl: float = 30.0, wait: float = 60.0):
+    """redis-py's Lock around read-modify-write of a round's manifest and status. After
+    `wait` seconds it goes ahead anyway: a stuck holder must not stop the round (its TTL
+    would have expired by then)."""
+    from redis.exceptions import LockError
+
+    lock = redis_client().lock(keys.manifest_lock(round_id), timeout=ttl, blocking_timeout=wait)
+    got = lock.acquire()
+    try:
+        yield
+    finally:
+        if got:
+            try:
+                lock.release()
+            except LockError:
+                pass  # expired meanwhile: nothing to release
+
+
 def durable_status(rd: Path) -> dict:
     p = rd / STATUS_FILE
     return store.read_json(p) if p.exists() else {}
 
 
 def is_over(rd: Path) -> bool:
-    return durable_status(rd).get("status") in TERMINAL
+    """The round failed or was cancelled: in the store, or (when the store could not be
+    written, e.g. a full disk) in Redis, where set_status recorded it first."""
+    if durable_status(rd).get("status") in TERMINAL:
+        return True
+    return redis_client().hget(keys.round_state(rd.name), "status") in TERMINAL
 
 
 def set_status(round_id: str, status: str, error: str | None = None) -> None:
-    """Record the round's status in the store (status file + manifest) and mirror it in Redis."""
+    """Record the round's status in Redis, then in the store (manifest, then the status file:
+    whoever sees the status file, the commit point, also sees the manifest).
+
+    A store that can't be written (a full disk) leaves the status in Redis only, flagged
+    `durable: 0`, and the round stays active: the reconciler writes it once it can."""
     rd = store.round_path(round_id)
     r = redis_client()
-    with mutex(r, keys.manifest_lock(round_id)):
-        # the manifest first: whoever sees the status file (the commit point) also sees the manifest
-        rounds.write_manifest(rd, extra={"status": status, "error": error})
-        store.write_json(rd / STATUS_FILE, {"status": status, "error": error, "at": time.time()})
-    r.hset(keys.round_state(round_id), mapping={"status": status, "error": error or "", "updated": time.time()})
+    r.hset(keys.round_state(round_id), mapping={"status": status, "error": error or "", "updated": time.time(), "durable": 0})
+    try:
+        with manifest_lock(round_id):
+            write_manifest(rd, extra={"status": status, "error": error})
+            store.write_json(rd / STATUS_FILE, {"status": status, "error": error, "at": time.time()})
+    except OSError as e:
+        r.sadd(keys.ACTIVE, round_id)
+        event(round_id, "status-not-written", status=status, error=f"{type(e).__name__}: {e}")
+        return
+    r.hset(keys.round_state(round_id), "durable", 1)
     if status in TERMINAL or status == "succeeded":
         r.srem(keys.ACTIVE, round_id)
     else:
@@ -86,8 +122,9 @@ def events(round_id: str) -> list[dict]:
 # ---------------------------------------------------------------- submitting and advancing
 
 
-def submit(*, parent: str | None = None, **prepare_kwargs) -> str:
-    """Validate and write a new round into the store, then queue its first units.
+def submit(cfg) -> str:
+    """Validate and write a new round (a cai.config.RoundConfig) into the store, then queue
+    its first units.
 
     The round is prepared in a hidden temp folder beside its final place and moved in
     only when every input is valid, so bad input leaves nothing in the store or queues.
@@ -95,26 +132,23 @@ def submit(*, parent: str | None = None, **prepare_kwargs) -> str:
     from workers.settings import ping
 
     ping()
-    parent_policy = None
-    if parent is not None:
-        parent_policy = str(store.round_path(parent) / "adapters" / "policy")
     round_id = store.new_round_id()
     target = store.round_path(round_id, must_exist=False)
     tmp = store.tmp_dir_beside(target)
     try:
-        rounds.prepare(tmp, round_id=round_id, parent=parent, parent_policy=parent_policy, **prepare_kwargs)
+        rounds.prepare(tmp, cfg, round_id=round_id)
         if not store.commit_dir(tmp, target):
             raise InputError(f"round {round_id}: already in the store")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     set_status(round_id, "queued")
-    event(round_id, "submitted", parent=parent)
+    event(round_id, "submitted", parent=cfg.parent)
     advance(round_id)
     return round_id
 
 
-def enqueue(round_id: str, unit: rounds.Unit, force: bool = False) -> bool:
+def enqueue(round_id: str, unit: plan.Unit, force: bool = False) -> bool:
     """Send the unit's message unless its lease is live, or (unless forced) one was sent
     recently and not yet picked up."""
     from workers.app import app
@@ -124,10 +158,11 @@ def enqueue(round_id: str, unit: rounds.Unit, force: bool = False) -> bool:
         return False
     if not r.set(keys.queued(round_id, unit.key), time.time(), nx=not force, ex=int(settings().requeue_after)):
         return False
-    if unit.shard is None:
-        app.send_task(keys.TASK_TRAIN, args=[round_id, unit.stage], queue=keys.queue_of(unit.stage))
+    row = ROW[unit.stage]
+    if row.sharded:
+        app.send_task(keys.TASK_SHARD, args=[round_id, unit.stage, unit.shard], queue=row.queue)
     else:
-        app.send_task(keys.TASK_SHARD, args=[round_id, unit.stage, unit.shard], queue=keys.queue_of(unit.stage))
+        app.send_task(keys.TASK_TRAIN, args=[round_id, unit.stage], queue=row.queue)
     return True
 
 
@@ -137,18 +172,21 @@ def advance(round_id: str, force: bool = False) -> list[str]:
     Returns the units queued. With force (`resume`) a unit is re-sent even if one was
     sent recently."""
     rd = store.round_path(round_id)
-    cfg = rounds.load_config(rd)
-    with mutex(redis_client(), keys.manifest_lock(round_id)):  # merges rewrite the manifest: not while the status changes
+    cfg = plan.load_config(rd)
+    st = redis_client().hgetall(keys.round_state(round_id))
+    if st.get("durable") == "0" and st.get("status"):  # the store could not be written then: try again now
+        set_status(round_id, st["status"], st.get("error") or None)
+    with manifest_lock(round_id):  # merges rewrite the manifest: not while the status changes
         if is_over(rd):
             return []
         for stage in cfg.stages:
             rounds.finalize(rd, stage)
-        finished = rounds.finished(rd, cfg)
+        finished = plan.finished(rd, cfg)
     if finished:
         if durable_status(rd).get("status") != "succeeded":
             set_status(round_id, "succeeded")
         return []
-    sent = [u.key for u in rounds.runnable(rd, cfg) if enqueue(round_id, u, force=force)]
+    sent = [u.key for u in plan.runnable(rd, cfg) if enqueue(round_id, u, force=force)]
     if sent:
         event(round_id, "queued", units=sent, force=force)
     return sent
@@ -161,12 +199,21 @@ def reconcile_all() -> dict:
     interval = settings().reconcile_interval
     if not r.set(keys.RECONCILER, socket.gethostname(), nx=True, px=int(interval * 1000 * 0.9)):
         return {}
-    out = {}
+    out: dict = {}
     for round_id in sorted(r.smembers(keys.ACTIVE)):
         try:
-            out[round_id] = advance(round_id)
+            store.round_path(round_id)
         except InputError:
             r.srem(keys.ACTIVE, round_id)  # gone from the store
+            continue
+        try:
+            out[round_id] = advance(round_id)
+        except Exception as e:  # one unreadable round (corrupt, unreadable, older schema) must not stop the others
+            out[round_id] = []
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            if r.hget(keys.round_state(round_id), "broken") != why:
+                r.hset(keys.round_state(round_id), "broken", why)
+                event(round_id, "broken", error=why)
     return out
 
 
@@ -179,13 +226,15 @@ class Outcome:
     retry_in: float | None = None
 
 
-def attempts_file(rd: Path, unit: rounds.Unit) -> Path:
+def attempts_file(rd: Path, unit: plan.Unit) -> Path:
     return rd / "work" / "attempts" / (unit.key.replace("/", "-") + ".json")
 
 
-def _count_attempt(round_id: str, rd: Path, unit: rounds.Unit, worker: str) -> tuple[int, dict]:
-    """Count an attempt in Redis and in the round folder; the larger count wins, so losing
-    Redis doesn't reset it. Only the lease holder calls this."""
+def _count_attempt(round_id: str, rd: Path, unit: plan.Unit, worker: str) -> tuple[int, dict, str | None]:
+    """Count an attempt in Redis, then in the round folder; the larger count wins, so losing
+    Redis doesn't reset it. Only the lease holder calls this. Returns the attempt number,
+    the record, and why the record could not be written (a full disk), if so: the count in
+    Redis stands either way, so the attempt limit holds."""
     r = redis_client()
     path = attempts_file(rd, unit)
     rec = store.read_json(path) if path.exists() else {"unit": unit.key, "attempts": 0, "history": []}
@@ -195,13 +244,30 @@ def _count_attempt(round_id: str, rd: Path, unit: rounds.Unit, worker: str) -> t
         r.hset(keys.attempts(round_id), unit.key, n)
     rec["attempts"] = n
     rec["history"].append({"attempt": n, "worker": worker, "started": time.time()})
-    store.write_json(path, rec)
-    return n, rec
+    try:
+        store.write_json(path, rec)
+    except OSError as e:
+        return n, rec, f"{type(e).__name__}: {e}"
+    return n, rec, None
 
 
-def _end_attempt(rd: Path, unit: rounds.Unit, rec: dict, result: str, error: str | None = None) -> None:
+def _end_attempt(rd: Path, unit: plan.Unit, rec: dict, result: str, error: str | None = None) -> None:
     rec["history"][-1].update({"ended": time.time(), "result": result, **({"error": error} if error else {})})
-    store.write_json(attempts_file(rd, unit), rec)
+    try:
+        store.write_json(attempts_file(rd, unit), rec)
+    except OSError:
+        pass  # a full disk: the attempt is counted in Redis and its error is in the events
+
+
+def check_unit(rd: Path, cfg, unit: plan.Unit) -> str | None:
+    """Why a message's unit is not one of this round's planned units, or None."""
+    if unit.stage not in cfg.stages:
+        return f"stage {unit.stage!r} is not in this round's plan ({', '.join(cfg.stages)})"
+    if ROW[unit.stage].sharded != (unit.shard is not None):
+        return f"stage {unit.stage} is {'sharded' if ROW[unit.stage].sharded else 'not sharded'}; the message says otherwise"
+    if unit.shard is not None and not (0 <= unit.shard < plan.n_shards(rd, cfg)):
+        return f"shard {unit.shard} is out of range for {unit.stage} (0..{plan.n_shards(rd, cfg) - 1})"
+    return None
 
 
 def _why_failed(rec: dict) -> str:
@@ -211,18 +277,23 @@ def _why_failed(rec: dict) -> str:
     return f"the worker running it ({last.get('worker', '?')}) died without reporting an error (killed, out of memory, or over its hard time limit)"
 
 
-def work(round_id: str, unit: rounds.Unit, cache: rounds.ModelCache, worker: str, task_id: str) -> Outcome:
+def work(round_id: str, unit: plan.Unit, cache: ModelCache, worker: str, task_id: str) -> Outcome:
     """One delivery of one unit's message. The caller retries after `retry_in` when set."""
     s = settings()
     r = redis_client()
     try:
         rd = store.round_path(round_id)
+        cfg = plan.load_config(rd)
     except InputError:
-        return Outcome("dropped")  # the round was removed from the store
-    if is_over(rd):
+        return Outcome("dropped")  # the round was removed from the store, or the id is no id
+    why = check_unit(rd, cfg, unit)
+    if why:  # a forged or stale message: no effect on the round at all
+        event(round_id, "rejected", unit=f"{unit.stage}/{unit.shard}"[:80], worker=worker, error=why)
+        return Outcome("dropped")
+    if is_over(rd):  # (a finished round is immutable: its planned units are all done, so they stop below)
         event(round_id, "dropped", unit=unit.key, worker=worker)
         return Outcome("dropped")
-    if rounds.is_done(rd, unit):
+    if plan.is_done(rd, unit):
         r.delete(keys.queued(round_id, unit.key))
         event(round_id, "done-already", unit=unit.key, worker=worker)
         advance(round_id)
@@ -235,24 +306,13 @@ def work(round_id: str, unit: rounds.Unit, cache: rounds.ModelCache, worker: str
         return Outcome("busy", retry_in=wait)
     r.delete(keys.queued(round_id, unit.key))  # picked up: from here the live lease keeps the reconciler off it
     with lease:
-        n, rec = _count_attempt(round_id, rd, unit, worker)
+        n, rec, unwritten = _count_attempt(round_id, rd, unit, worker)
         if n > s.max_attempts:
             _end_attempt(rd, unit, rec, "gave-up")
             fail(round_id, f"{unit.key}: gave up after {s.max_attempts} attempts; last: {_why_failed(rec)}", spare=task_id)
             return Outcome("failed")
-        event(round_id, "started", unit=unit.key, worker=worker, token=lease.token, attempt=n)
-        lease.start_heartbeat(s.heartbeat)
-        faults.before_run(unit.key)
-        meta = {"runner": "queue", "worker": worker, "task_id": task_id, "token": lease.token, "attempt": n}
-        try:
-            committed = rounds.run_unit(rd, unit, cache, meta=meta, guard=lambda: not is_over(rd) and lease.current())
-        except InputError as e:  # the round's own data can't go on (e.g. too few rows to train): no retry helps
-            msg = "; ".join(e.problems)
-            _end_attempt(rd, unit, rec, "error", msg)
-            fail(round_id, f"{unit.key}: {msg}", spare=task_id)
-            return Outcome("failed")
-        except Exception as e:
-            msg = f"{type(e).__name__}: {str(e)[:500]}"
+
+        def attempt_failed(msg: str) -> Outcome:
             _end_attempt(rd, unit, rec, "error", msg)
             event(round_id, "error", unit=unit.key, worker=worker, attempt=n, error=msg)
             if n >= s.max_attempts:
@@ -260,7 +320,29 @@ def work(round_id: str, unit: rounds.Unit, cache: rounds.ModelCache, worker: str
                 return Outcome("failed")
             r.set(keys.queued(round_id, unit.key), time.time(), ex=int(s.requeue_after))  # our retry is on its way
             return Outcome("error", retry_in=s.error_retry_delay)
-        result = "committed" if committed else ("done" if rounds.is_done(rd, unit) else "discarded")
+
+        if unwritten:  # the store can't be written (a full disk): no output could be committed either
+            return attempt_failed(f"the round folder can't be written: {unwritten}")
+        event(round_id, "started", unit=unit.key, worker=worker, token=lease.token, attempt=n)
+        if r.hget(keys.round_state(round_id), "status") == "queued":
+            set_status(round_id, "running")
+        lease.start_heartbeat(s.heartbeat)
+        faults.before_run(unit.key)
+        meta = {"runner": "queue", "worker": worker, "task_id": task_id, "token": lease.token, "attempt": n}
+        try:
+            if not ROW[unit.stage].sharded:  # it reads merged datasets: merge them under the manifest's lock
+                with manifest_lock(round_id):
+                    for dep in [d for d in ROW[unit.stage].needs + ROW[unit.stage].after if d in cfg.stages]:
+                        rounds.finalize(rd, dep)
+            committed = rounds.run_unit(rd, unit, cache, meta=meta, guard=lambda: not is_over(rd) and lease.current())
+        except InputError as e:  # the round's own data can't go on (e.g. too few rows to train): no retry helps
+            msg = "; ".join(e.problems)
+            _end_attempt(rd, unit, rec, "error", msg)
+            fail(round_id, f"{unit.key}: {msg}", spare=task_id)
+            return Outcome("failed")
+        except Exception as e:
+            return attempt_failed(f"{type(e).__name__}: {str(e)[:500]}")
+        result = "committed" if committed else ("done" if plan.is_done(rd, unit) else "discarded")
         _end_attempt(rd, unit, rec, result)
         event(round_id, result, unit=unit.key, worker=worker, token=lease.token, attempt=n)
     advance(round_id)
@@ -292,7 +374,7 @@ def fail(round_id: str, error: str, spare: str | None = None) -> None:
 
 def cancel(round_id: str) -> str:
     rd = store.round_path(round_id)
-    if rounds.finished(rd):
+    if plan.finished(rd):
         return "succeeded"
     status = durable_status(rd).get("status")
     if status in TERMINAL:
@@ -308,12 +390,12 @@ def resume(round_id: str) -> list[str]:
     rd = store.round_path(round_id)
     if durable_status(rd).get("status") in TERMINAL:
         r = redis_client()
-        cfg = rounds.load_config(rd)
-        for u in [u for stage in cfg.stages for u in rounds.units_of(rd, stage, cfg) if not rounds.is_done(rd, u)]:
+        cfg = plan.load_config(rd)
+        for u in [u for stage in cfg.stages for u in plan.units_of(rd, stage, cfg) if not plan.is_done(rd, u)]:
             attempts_file(rd, u).unlink(missing_ok=True)
             r.hdel(keys.attempts(round_id), u.key)
         set_status(round_id, "queued")
-    elif not rounds.finished(rd):
+    elif not plan.finished(rd):
         redis_client().sadd(keys.ACTIVE, round_id)
     event(round_id, "resumed")
     return advance(round_id, force=True)

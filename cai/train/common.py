@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from cai import store
 from cai.errors import InputError
@@ -50,21 +51,17 @@ def check_adapter_base(adapter: Path, base_path: str) -> None:
 
 def load_base(base_path: str, recipe: Recipe, *, seq_cls: bool = False):
     """The base model for QLoRA (4-bit NF4 when the recipe says) and its tokenizer."""
-    import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from cai.models import load_tokenizer, placement
 
     check_four_bit(recipe)
-    tok = AutoTokenizer.from_pretrained(base_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(base_path, padding_side=None)  # TRL's collators pad
     q = bnb_config(recipe)
-    dtype = torch.bfloat16 if recipe.bf16 and torch.cuda.is_available() else torch.float32
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = placement(bf16=recipe.bf16)
     if q is not None:
         kwargs["quantization_config"] = q
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
     if seq_cls:
         model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, **kwargs)
         model.config.pad_token_id = tok.pad_token_id
@@ -87,8 +84,23 @@ def start_from(model, recipe: Recipe, adapter: str | None, task_type: str = "CAU
     return model, lora_config(recipe, task_type)
 
 
-def marker_callback():
-    """A TrainerCallback that marks a checkpoint complete once the Trainer has written it."""
+def keeping_column(trainer_cls, column: str):
+    """A subclass of a TRL trainer that keeps one extra dataset column for its loss (the
+    Trainer drops columns its model's forward doesn't name)."""
+
+    class Keeping(trainer_cls):
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    return Keeping
+
+
+def marker_callback(guard: Callable[[], bool] = lambda: True):
+    """A TrainerCallback that marks a checkpoint complete once the Trainer has written it,
+    and stops training at that save when `guard` says this run may no longer commit (its
+    lease was lost): the newer holder resumes from the checkpoint instead."""
     from transformers import TrainerCallback
 
     class MarkComplete(TrainerCallback):
@@ -96,6 +108,8 @@ def marker_callback():
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 store.write_text(ckpt / COMPLETE, f"{state.global_step}\n")
+            if not guard():
+                control.should_training_stop = True
 
     return MarkComplete()
 

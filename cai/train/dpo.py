@@ -21,13 +21,8 @@ def _weighted_trainer():
     import torch
     from trl import DPOTrainer
 
-    class ConfidenceWeightedDPOTrainer(DPOTrainer):
+    class ConfidenceWeightedDPOTrainer(common.keeping_column(DPOTrainer, "weight")):
         """Per-pair weights: the batch's loss is the weight-averaged per-pair DPO loss."""
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if "weight" not in self._signature_columns:
-                self._signature_columns.append("weight")
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             w = inputs.pop("weight")
@@ -66,7 +61,7 @@ def train(base_path: str, data: Path, target: Path, ckpt_dir: Path, recipe: Reci
         kwargs["data_collator"] = WithColumn(DataCollatorForPreference(pad_token_id=tok.pad_token_id), "weight")
     cls = _weighted_trainer() if weighted else DPOTrainer
     trainer = cls(model=model, args=dpo_config(recipe, ckpt_dir), train_dataset=ds, processing_class=tok,
-                  peft_config=peft_config, callbacks=[common.marker_callback()], **kwargs)
+                  peft_config=peft_config, callbacks=[common.marker_callback(guard)], **kwargs)
     resume = common.last_complete_checkpoint(ckpt_dir)
     trainer.train(resume_from_checkpoint=resume)
     card["train"] = {**common.train_summary(trainer), "rows": len(rows), "resumed_from": resume,

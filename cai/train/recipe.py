@@ -24,9 +24,11 @@ class _Strict(BaseModel):
 
 
 class Lora(_Strict):
+    """peft.LoraConfig's own field names."""
+
     r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
@@ -37,17 +39,20 @@ class Quant(_Strict):
 
 
 class Stage(_Strict):
+    """A trainer's settings under TRL's own field names (passed through as they are), plus
+    the few of ours listed in OURS."""
+
     learning_rate: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="Overrides epochs when > 0.")
-    batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Overrides num_train_epochs when > 0.")
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
     max_length: int = Field(512, gt=8)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: float = Field(0, ge=0, description="Steps, or a fraction of all steps when below 1.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
     logging_steps: int = Field(1, gt=0)
-    min_rows: int = Field(4, gt=0, description="Refuse to train on fewer rows.")
     seed: int = 0
+    min_rows: int = Field(4, gt=0, description="Refuse to train on fewer rows.")
 
 
 class SFT(Stage):
@@ -63,6 +68,9 @@ class DPO(Stage):
     learning_rate: float = Field(5e-5, gt=0)
     beta: float = Field(0.1, gt=0)
     weight_by_confidence: bool = Field(False, description="Weight each pair's loss by its label margin.")
+
+
+OURS = {"min_rows", "heldout_fraction", "soft_labels", "weight_by_confidence"}  # not TRL's: never passed to it
 
 
 class Recipe(_Strict):
@@ -103,23 +111,17 @@ def bnb_config(recipe: Recipe):
 def lora_config(recipe: Recipe, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-        target_modules=recipe.lora.target_modules, task_type=task_type,
-        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
-    )
+    return LoraConfig(**recipe.lora.model_dump(), task_type=task_type,
+                      modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
 
 
 def _common(recipe: Recipe, stage: Stage, output_dir: Path) -> dict:
     import torch
 
     return dict(
-        output_dir=str(output_dir), learning_rate=stage.learning_rate, num_train_epochs=stage.epochs,
-        max_steps=stage.max_steps, per_device_train_batch_size=stage.batch_size,
-        per_device_eval_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
-        warmup_steps=float(stage.warmup_ratio), save_strategy="steps", save_steps=stage.save_steps,
-        save_total_limit=2, logging_steps=stage.logging_steps, seed=stage.seed, data_seed=stage.seed,
-        report_to="none", bf16=recipe.bf16 and torch.cuda.is_available(),
+        **stage.model_dump(exclude=OURS), output_dir=str(output_dir),
+        per_device_eval_batch_size=stage.per_device_train_batch_size, save_strategy="steps",
+        save_total_limit=2, data_seed=stage.seed, report_to="none", bf16=recipe.bf16 and torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(), gradient_checkpointing=recipe.gradient_checkpointing,
         dataloader_num_workers=0, disable_tqdm=True, save_only_model=False, remove_unused_columns=True,
     )
@@ -128,17 +130,16 @@ def _common(recipe: Recipe, stage: Stage, output_dir: Path) -> dict:
 def sft_config(recipe: Recipe, output_dir: Path):
     from trl import SFTConfig
 
-    return SFTConfig(**_common(recipe, recipe.sft, output_dir), max_length=recipe.sft.max_length,
-                     completion_only_loss=True, packing=False)
+    return SFTConfig(**_common(recipe, recipe.sft, output_dir), completion_only_loss=True, packing=False)
 
 
 def reward_config(recipe: Recipe, output_dir: Path):
     from trl import RewardConfig
 
-    return RewardConfig(**_common(recipe, recipe.reward, output_dir), max_length=recipe.reward.max_length)
+    return RewardConfig(**_common(recipe, recipe.reward, output_dir))
 
 
 def dpo_config(recipe: Recipe, output_dir: Path):
     from trl import DPOConfig
 
-    return DPOConfig(**_common(recipe, recipe.dpo, output_dir), max_length=recipe.dpo.max_length, beta=recipe.dpo.beta)
+    return DPOConfig(**_common(recipe, recipe.dpo, output_dir))

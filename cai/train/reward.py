@@ -34,13 +34,8 @@ def _trainer_class():
     import torch.nn.functional as F
     from trl import RewardTrainer
 
-    class SoftLabelRewardTrainer(RewardTrainer):
+    class SoftLabelRewardTrainer(common.keeping_column(RewardTrainer, "p_chosen")):
         """RewardTrainer whose loss targets the AI label's probability p_chosen."""
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if "p_chosen" not in self._signature_columns:
-                self._signature_columns.append("p_chosen")
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             p = inputs.pop("p_chosen", None)
@@ -144,7 +139,7 @@ def train(base_path: str, data: Path, target: Path, ckpt_dir: Path, recipe: Reci
         collator = WithColumn(collator, "p_chosen")
     trainer = _trainer_class()(model=model, args=reward_config(recipe, ckpt_dir), train_dataset=ds, processing_class=tok,
                                peft_config=lora_config(recipe, "SEQ_CLS"), data_collator=collator,
-                               callbacks=[common.marker_callback()])
+                               callbacks=[common.marker_callback(guard)])
     # TRL casts trainable QLoRA params to bf16; the plain `score` head must match the hidden states' dtype
     compute = getattr(__import__("torch"), recipe.quant.compute_dtype)
     for name, param in trainer.model.named_parameters():

@@ -1,28 +1,28 @@
-"""Run one training stage of a round: read the round folder, call the trainer, commit the
-adapter under adapters/. The glue between rounds.py and the trainers."""
+"""Run one training stage of a round: pick its dataset, its starting adapter and its
+trainer, and commit the adapter under adapters/. The glue between the stage table and
+the trainers; gets the round's config and folder from the caller (knows no plan)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cai import models, store
 from cai.train import common, dpo, reward, sft
 from cai.train.recipe import Recipe
 
+if TYPE_CHECKING:
+    from cai.config import Round
 
-def run_stage(round_dir: Path, stage: str, guard: Callable[[], bool] = lambda: True) -> bool:
-    from cai import rounds
 
-    cfg = rounds.load_config(round_dir)
+def run_stage(round_dir: Path, cfg: "Round", cons_hash: str, stage: str, target: Path,
+              guard: Callable[[], bool] = lambda: True) -> bool:
     recipe = Recipe.model_validate(store.read_json_yaml(round_dir / "recipe.yaml"))
-    cons_hash = rounds.load_constitution(round_dir).hash
     r = models.resolve(cfg.model)
     base_path = models.base_path(r)
     base_name = models.EMBEDDED if r.embedded else r.base
     parent_policy = round_dir / "inputs" / "parent_policy"
     ckpt = round_dir / "work" / stage / "checkpoints"
-    target = rounds.unit_output(round_dir, rounds.Unit(stage=stage))
     datasets_dir = round_dir / "datasets"
 
     def card(kind: str, data: dict[str, Path], init: str | None) -> dict:

@@ -32,7 +32,7 @@ def train(base_path: str, data: Path, target: Path, ckpt_dir: Path, recipe: Reci
     model, tok = common.load_base(base_path, recipe)
     model, peft_config = common.start_from(model, recipe, init_adapter)  # a child round: the parent's policy
     trainer = SFTTrainer(model=model, args=sft_config(recipe, ckpt_dir), train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, peft_config=peft_config, callbacks=[common.marker_callback()])
+                         processing_class=tok, peft_config=peft_config, callbacks=[common.marker_callback(guard)])
     resume = common.last_complete_checkpoint(ckpt_dir)
     trainer.train(resume_from_checkpoint=resume)
     card["train"] = {**common.train_summary(trainer), "rows": len(rows), "resumed_from": resume,

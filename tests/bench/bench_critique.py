@@ -10,6 +10,7 @@ import time
 
 from cai import constitution, models, prompts
 from cai.critique import CritiqueSettings, critique_revise, respond
+from cai.engine import LocalEngine
 from cai.generation import Sampling
 from tests.test_constitution import DEFAULT
 
@@ -20,15 +21,16 @@ def test_bench_critique_batched_vs_sequential():
     ps = prompts.load("all").prompts[::19][:16]
     s = Sampling(max_new_tokens=48, batch_size=16, seed=1)
     settings = CritiqueSettings(passes=1)
-    responses = respond(model, tok, ps, s)
+    engine = LocalEngine(model, tok)
+    responses = respond(engine, ps, s)
 
     t, c = time.perf_counter(), time.process_time()
-    critique_revise(model, tok, cons, responses, settings, s, {})
+    critique_revise(engine, cons, responses, settings, s, {})
     batched, batched_cpu = time.perf_counter() - t, time.process_time() - c
 
     t, c = time.perf_counter(), time.process_time()
     for r in responses:
-        critique_revise(model, tok, cons, [r], settings, s.model_copy(update={"batch_size": 1}), {})
+        critique_revise(engine, cons, [r], settings, s.model_copy(update={"batch_size": 1}), {})
     sequential, sequential_cpu = time.perf_counter() - t, time.process_time() - c
 
     fig = {"prompts": 16, "passes": 1, "max_new_tokens": 48, "few_shot": settings.few_shot,

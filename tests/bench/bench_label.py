@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from cai import constitution, models, prompts
+from cai.engine import LocalEngine
 from cai.feedback import LabelSettings, _few_shot_turns, judge_question, judge_stats, label_pairs, sample_judge_principles
 from cai.generation import Sampling, generate
 from tests.test_constitution import DEFAULT
@@ -24,7 +25,7 @@ def test_bench_label():
     s = LabelSettings(principles_per_pair=4, batch_size=16)
 
     t, c = time.perf_counter(), time.process_time()
-    rows = label_pairs(model, tok, cons, pairs, s, seed=0, provenance={})
+    rows = label_pairs(LocalEngine(model, tok), cons, pairs, s, seed=0, provenance={})
     logprob_s, logprob_cpu = (time.perf_counter() - t) / len(pairs), (time.process_time() - c) / len(pairs)
     right = sum(1 for r in rows if r["valid"] and r["chosen_index"] == 0)
     stats = judge_stats(rows, s)

@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from cai import rounds, store
-from tests.test_queue import FAST, Cluster, wait_for
+from cai import plan, store
+from tests.conftest import FAST, Cluster, wait_for
 
 ROUND = ["--prompts", "sample", "--stages", "respond,critique", "--shard-size", "4", "--max-new-tokens", "32",
          "--passes", "1", "--model", "smollm2-135m"]
@@ -70,9 +70,9 @@ def test_bench_queue_vs_in_process(tmp_path, embedded_dir):
     finally:
         c.close()
 
-    units = [u for st in ("respond", "critique") for u in rounds.units_of(rd, st)]
-    work_in_process = sum(store.read_json(rounds.unit_output(tmp_path / "in-process", u))["meta"]["seconds"] for u in units)
-    work_queued = sum(store.read_json(rounds.unit_output(rd, u))["meta"]["seconds"] for u in units)
+    units = [u for st in ("respond", "critique") for u in plan.units_of(rd, st)]
+    work_in_process = sum(store.read_json(plan.unit_output(tmp_path / "in-process", u))["meta"]["seconds"] for u in units)
+    work_queued = sum(store.read_json(plan.unit_output(rd, u))["meta"]["seconds"] for u in units)
     fig = {"prompts": 12, "stages": "respond,critique", "units": len(units), "max_new_tokens": 32,
            "in_process_s": round(in_process, 1), "queue_s": round(queued, 1), "ratio": round(queued / in_process, 3),
            "in_process_cpu_s": round(in_process_cpu, 1), "queue_cpu_s": round(queued_cpu, 1),

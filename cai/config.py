@@ -1,0 +1,122 @@
+"""A round's settings as one typed config (`RoundConfig`), read from YAML or built in code.
+
+Every stage reads this one object. `cai round run|submit --config round.yaml` loads it
+(errors name file:line:col and the field path); command-line flags only override keys.
+Every round folder holds `round.yaml`, the resolved config (paths made absolute, every
+default written out): given back to `--config` as it is, it reproduces the round.
+`Round` adds what a round is once created (its id and creation time); it is stored
+as round.json beside it.
+
+Knows the stage names and the stage graph (from cai.stages); knows nothing about
+files of a round folder, models or queues.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cai import stages as stages_mod
+from cai import yamlio
+from cai.critique import CritiqueSettings
+from cai.feedback import LabelSettings
+from cai.generation import Sampling
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONSTITUTION = REPO / "constitution" / "default.yaml"
+
+
+class RoundConfig(BaseModel):
+    """Everything a user chooses about a round. Field names are the YAML keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    constitution: str = Field(str(DEFAULT_CONSTITUTION), description="Constitution YAML path.")
+    prompts: str | None = Field(None, description="Prompts: .jsonl, .parquet, a dataset folder or a shipped set.")
+    pairs: str | None = Field(None, description="Label this responses file (prompt + responses: [a, b]) instead of sampling pairs.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+    model: str = Field("smollm2-135m", description="Policy model spec.")
+    judge: str | None = Field(None, description="Feedback model spec; default: the policy's base model.")
+    stages: list[str] = Field(default_factory=lambda: list(stages_mod.DEFAULT), description="Stages to run, in table order.")
+    shard_size: int = Field(32, gt=0, description="Prompts per shard (one unit of work).")
+    seed: int = 0
+    sampling: Sampling = Field(default_factory=Sampling)
+    critique: CritiqueSettings = Field(default_factory=CritiqueSettings)
+    label: LabelSettings = Field(default_factory=LabelSettings)
+    recipe: str = Field("cpu-tiny", description="Training recipe: a shipped name or a YAML path.")
+    parent: str | None = Field(None, description="Parent round id: generation and training start from its policy adapter.")
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in stages_mod.NAMES]
+        if bad:
+            raise ValueError(f"unknown stage {', '.join(bad)}; choose from {', '.join(stages_mod.NAMES)}")
+        if not v:
+            raise ValueError("no stages; name at least one")
+        return sorted(set(v), key=stages_mod.NAMES.index)
+
+    def problems(self) -> list[str]:
+        """Checks across fields (made after overrides are applied): the stage plan and inputs."""
+        out = [f"stages: {p}" for p in stages_mod.check_plan(self.stages, pairs_file=self.pairs is not None)]
+        if self.prompts is None and self.pairs is None:
+            out.append("prompts: required (or pairs: FILE for a label-only round)")
+        if self.pairs is not None and self.prompts is not None:
+            out.append("pairs: a pairs file replaces the prompts; give one of prompts or pairs")
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+class Round(RoundConfig):
+    """A created round: its config plus identity. Stored as round.json."""
+
+    round_id: str
+    created: float = Field(default_factory=time.time)
+
+    def settings(self) -> RoundConfig:
+        return RoundConfig.model_validate(self.model_dump(exclude={"round_id", "created"}))
+
+
+def load(path: str | Path) -> dict:
+    """A round config YAML as a plain mapping, validated (file:line:col errors); the caller
+    applies overrides and validates the result again."""
+    path = Path(path).expanduser()
+    cfg = yamlio.parse(yamlio.read_text(path, "round config"), str(path), RoundConfig, what="round config")
+    return cfg.model_dump(mode="json", exclude_unset=True)
+
+
+def resolve(data: dict, overrides: dict | None = None) -> RoundConfig:
+    """Merge flag overrides (nested keys as dicts) over a config mapping and validate.
+    Local paths are made absolute, so workers in other folders and a later resubmission
+    read the same files."""
+    from cai.errors import InputError
+    from pydantic import ValidationError
+
+    merged = _merge(dict(data), overrides or {})
+    try:
+        cfg = RoundConfig.model_validate(merged)
+    except ValidationError as e:
+        raise InputError([f"round config: {yamlio.fmt_loc(tuple(x['loc']))}: {x['msg'].removeprefix('Value error, ')}"
+                          for x in e.errors()]) from None
+    if cfg.problems():
+        raise InputError(cfg.problems())
+    updates = {}
+    for key in ("constitution", "prompts", "pairs", "model", "judge", "recipe"):
+        value = getattr(cfg, key)
+        if value and Path(value).expanduser().exists():
+            updates[key] = str(Path(value).expanduser().resolve())
+    return cfg.model_copy(update=updates)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = _merge(dict(base[k]), v)
+        else:
+            base[k] = v
+    return base
