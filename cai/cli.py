@@ -28,6 +28,8 @@ cons_app = typer.Typer(help="Validate, show and diff constitutions.", no_args_is
 round_app = typer.Typer(help="Run, queue and pull rounds.", no_args_is_help=True)
 app.add_typer(cons_app, name="constitution")
 app.add_typer(round_app, name="round")
+engine_app = typer.Typer(help="Inference servers for rounds (vLLM, OpenAI-compatible).", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
 out = Console()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -136,27 +138,60 @@ MinMassOpt = Annotated[Optional[float], typer.Option(min=0, max=0.99, help="Judg
 CotOpt = Annotated[Optional[bool], typer.Option("--cot/--no-cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6].")]
 KeepDegenerateOpt = Annotated[Optional[bool], typer.Option("--keep-degenerate/--drop-degenerate", help="Keep SFT rows whose every revision was degenerate (dropped by default).")]
 RecipeOpt = Annotated[Optional[str], typer.Option(help="Training recipe: cpu-tiny (default), gpu-8b, or a YAML path.")]
+PairSourcesOpt = Annotated[Optional[str], typer.Option(help="Comma-separated pair sources: samples, revision, contrastive (default samples,revision).")]
+SkipCheckOpt = Annotated[Optional[bool], typer.Option("--skip-check/--check", help="Label with a judge that failed its self-check anyway (checked by default).")]
+EngineUrlOpt = Annotated[Optional[str], typer.Option(help="OpenAI-compatible server for respond, critique and pairs (env CAI_ENGINE_URL; key: CAI_ENGINE_API_KEY).")]
+EngineModelOpt = Annotated[Optional[str], typer.Option(help="Served model name on --engine-url (default: the first it serves).")]
+JudgeUrlOpt = Annotated[Optional[str], typer.Option(help="OpenAI-compatible server for the label stage's judge (env CAI_JUDGE_URL).")]
+JudgeModelOpt = Annotated[Optional[str], typer.Option(help="Served model name on --judge-url (default: the first it serves).")]
+EvalLimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Evaluate stage: only the first N probes of each probe set (default: all).")]
 
 
-def _round_config(config, constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size, shard_size,
-                  seed, judge, pairs, principles_per_pair, min_margin, min_mass, cot, keep_degenerate, recipe,
-                  parent=None):
+# Each round flag and the RoundConfig key(s) it overrides: a literal table, read top to bottom.
+FLAG_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "constitution": (("constitution",),), "prompts": (("prompts",),), "model": (("model",),),
+    "stages": (("stages",),), "limit": (("limit",),), "shard_size": (("shard_size",),), "seed": (("seed",),),
+    "judge": (("judge",),), "pairs": (("pairs_file",),), "recipe": (("recipe",),), "parent": (("parent",),),
+    "max_new_tokens": (("sampling", "max_new_tokens"),),
+    "batch_size": (("sampling", "batch_size"), ("label", "batch_size")),
+    "passes": (("critique", "passes"),), "keep_degenerate": (("critique", "drop_degenerate"),),
+    "pair_sources": (("pairs", "sources"),),
+    "principles_per_pair": (("label", "principles_per_pair"),), "min_margin": (("label", "min_margin"),),
+    "min_mass": (("label", "min_mass"),), "cot": (("label", "chain_of_thought"),), "skip_check": (("label", "skip_check"),),
+    "engine_url": (("engine", "url"),), "engine_model": (("engine", "model"),),
+    "judge_url": (("judge_engine", "url"),), "judge_model": (("judge_engine", "model"),),
+    "eval_limit": (("evaluate", "limit"),),
+}
+SERVER_ENV = {"engine": ("CAI_ENGINE_URL", "--engine"), "judge_engine": ("CAI_JUDGE_URL", "--judge")}  # URL defaults
+
+
+def _round_config(config: Path | None, **flags):
     """--config (if any) with the flags given on top, as a validated RoundConfig."""
     from cai import config as config_mod
 
     data = config_mod.load(config) if config else {}
-    top = {"constitution": str(constitution) if constitution else None, "prompts": prompts, "model": model,
-           "stages": [x.strip() for x in stages.split(",") if x.strip()] if stages is not None else None,
-           "limit": limit, "shard_size": shard_size, "seed": seed, "judge": judge, "pairs": pairs, "recipe": recipe,
-           "parent": parent}
-    nested = {
-        "sampling": {"max_new_tokens": max_new_tokens, "batch_size": batch_size},
-        "critique": {"passes": passes, "drop_degenerate": None if keep_degenerate is None else not keep_degenerate},
-        "label": {"principles_per_pair": principles_per_pair, "min_margin": min_margin, "min_mass": min_mass,
-                  "chain_of_thought": cot, "batch_size": batch_size},
-    }
-    over = {k: v for k, v in top.items() if v is not None}
-    over.update({k: {kk: vv for kk, vv in d.items() if vv is not None} for k, d in nested.items()})
+    over: dict = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name == "stages" or name == "pair_sources":
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        elif name == "keep_degenerate":
+            value = not value
+        elif name == "constitution":
+            value = str(value)
+        for path in FLAG_KEYS[name]:
+            node = over
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+    for key, (env, flag) in SERVER_ENV.items():  # a server's URL: the flag, else --config, else the environment
+        if "url" in over.get(key, {}) or (data.get(key) or {}).get("url"):
+            continue
+        if os.environ.get(env):
+            over.setdefault(key, {})["url"] = os.environ[env]
+        elif key in over:
+            raise InputError(f"{flag}-model: names a served model but no server; add {flag}-url URL (or set {env})")
     return config_mod.resolve(data, over)
 
 
@@ -168,13 +203,19 @@ def round_run(
     batch_size: BatchSizeOpt = None, shard_size: ShardSizeOpt = None, seed: SeedOpt = None, judge: JudgeOpt = None,
     pairs: PairsOpt = None, principles_per_pair: PrinciplesPerPairOpt = None, min_margin: MinMarginOpt = None,
     min_mass: MinMassOpt = None, cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
+    pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None,
+    engine_url: EngineUrlOpt = None, engine_model: EngineModelOpt = None, judge_url: JudgeUrlOpt = None,
+    judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None,
 ) -> None:
     """Run a round here, in process (no queue), writing the round folder."""
     from cai import rounds
 
-    cfg = _round_config(config, constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size,
-                        shard_size, seed, judge, pairs, principles_per_pair, min_margin, min_mass, cot, keep_degenerate,
-                        recipe)
+    cfg = _round_config(config, constitution=constitution, prompts=prompts, model=model, stages=stages, limit=limit,
+                        passes=passes, max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
+                        seed=seed, judge=judge, pairs=pairs, principles_per_pair=principles_per_pair,
+                        min_margin=min_margin, min_mass=min_mass, cot=cot, keep_degenerate=keep_degenerate,
+                        recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, engine_url=engine_url,
+                        engine_model=engine_model, judge_url=judge_url, judge_model=judge_model, eval_limit=eval_limit)
     from cai import store
 
     if (out_dir / store.ROUND_FILE).exists():  # the same round again: resume it, keeping every finished unit
@@ -185,7 +226,13 @@ def round_run(
         err.print(f"round {rnd.round_id} -> {out_dir}")
     _run_with_progress(out_dir)
     man = json.loads((out_dir / "manifest.json").read_text())
-    out.print(json.dumps({"round": rnd.round_id, "out": str(out_dir), "counts": man["counts"]}, indent=2))
+    from cai.evaluate import gate_failures
+
+    gated = gate_failures(out_dir)  # a finished round whose evaluation failed its gate
+    if gated:
+        err.print(shown(f"round {rnd.round_id} gated: {'; '.join(gated)} (report: {out_dir / 'report' / 'index.html'})"), markup=False)
+    out.print(json.dumps({"round": rnd.round_id, "out": str(out_dir), "status": "gated" if gated else "finished",
+                          "counts": man["counts"]}, indent=2))
 
 
 def _run_with_progress(round_dir: Path) -> None:
@@ -228,14 +275,22 @@ def round_submit(
     shard_size: ShardSizeOpt = None, seed: SeedOpt = None, judge: JudgeOpt = None, pairs: PairsOpt = None,
     principles_per_pair: PrinciplesPerPairOpt = None, min_margin: MinMarginOpt = None, min_mass: MinMassOpt = None,
     cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
+    pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None,
+    engine_url: EngineUrlOpt = None, engine_model: EngineModelOpt = None, judge_url: JudgeUrlOpt = None,
+    judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None,
+    force: bool = typer.Option(False, "--force", help="Allow a --parent round that ended gated (its evaluation failed the gate)."),
 ) -> None:
     """Validate a round, put it in the store and queue it; prints the round id."""
     from workers import client
 
-    cfg = _round_config(config, constitution, prompts, model, stages, limit, passes, max_new_tokens, batch_size,
-                        shard_size, seed, judge, pairs, principles_per_pair, min_margin, min_mass, cot, keep_degenerate,
-                        recipe, parent)
-    print(client.submit(cfg))
+    cfg = _round_config(config, constitution=constitution, prompts=prompts, model=model, stages=stages, limit=limit,
+                        passes=passes, max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
+                        seed=seed, judge=judge, pairs=pairs, principles_per_pair=principles_per_pair,
+                        min_margin=min_margin, min_mass=min_mass, cot=cot, keep_degenerate=keep_degenerate,
+                        recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, parent=parent,
+                        engine_url=engine_url, engine_model=engine_model, judge_url=judge_url, judge_model=judge_model,
+                        eval_limit=eval_limit)
+    print(client.submit(cfg, force=force))
 
 
 @round_app.command("status")
@@ -282,7 +337,7 @@ def _watch(round_id: str, interval: float = 1.0) -> str:
             for stage, s in st["stages"].items():
                 note = f"running {','.join(x.split('/')[-1] for x in s['running'])}" if s["running"] else s["status"]
                 prog.update(bars[stage], completed=s["units_done"], note=shown(note, True))
-            if st["status"] in ("succeeded", "failed", "cancelled"):
+            if st["status"] in ("succeeded", "gated", "failed", "cancelled"):
                 break
             time.sleep(interval)
             try:
@@ -300,7 +355,8 @@ def _watch(round_id: str, interval: float = 1.0) -> str:
 @round_app.command("watch")
 def round_watch(round_id: str = typer.Argument(..., metavar="ID"),
                 interval: float = typer.Option(1.0, min=0.1, help="Seconds between updates.")) -> None:
-    """Progress bars until the round ends; exit 0 if it succeeded, 1 if it failed or was cancelled."""
+    """Progress bars until the round ends; exit 0 if it succeeded, 1 if it failed, was cancelled or ended
+    gated (finished, but its evaluation failed the gate)."""
     raise typer.Exit(0 if _watch(round_id, interval) == "succeeded" else 1)
 
 
@@ -363,6 +419,157 @@ def round_pull(round_id: str = typer.Argument(..., metavar="ID"),
         err.print(shown(f"round {round_id} has not finished (status: {state}): pulled a partial copy, what exists so far"),
                   markup=False)
     err.print(shown(f"pulled {len(files)} files of {round_id} into {to}"), markup=False)
+
+
+@engine_app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def engine_serve(
+    ctx: typer.Context,
+    model: str = typer.Option("smollm2-135m", help="Model spec to serve (an adapter spec serves its base)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; set CAI_ENGINE_API_KEY then)."),
+    venv: Optional[Path] = typer.Option(None, help="vLLM's virtual environment (default: CAI_VLLM_PYTHON, else .venv-vllm)."),
+    max_lora_rank: int = typer.Option(16, min=1, help="Largest LoRA rank it will load (the shipped recipes use 8 and 16)."),
+    timeout: float = typer.Option(900, min=1, help="Seconds to wait for it to answer /health."),
+) -> None:
+    """Start a local vLLM OpenAI server for a model spec, wait for /health, print its URL,
+    and keep it running until Ctrl-C. Arguments after `--` go to vLLM as they are
+    (e.g. `-- --gpu-memory-utilization 0.5`)."""
+    from cai import serve
+    from cai.models import cai_home
+
+    python = serve.vllm_python(venv)
+    m = serve.model_for(model)
+    log = cai_home() / "logs" / f"vllm-{port}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    srv = serve.Server(m, port=port, host=host, python=python, log=log, max_lora_rank=max_lora_rank, extra=list(ctx.args))
+    err.print(shown(f"starting vLLM for {m.path} as {m.served_name} (log: {log})"), markup=False)
+
+    def _terminated(*_) -> None:  # a TERM stops the server too, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        srv.start(timeout)
+        print(srv.url, flush=True)
+        err.print(shown(f"serving {m.served_name} at {srv.url}; use --engine-url {srv.url} (Ctrl-C stops it)"), markup=False)
+        while srv.running():
+            time.sleep(1)
+        raise InputError(f"vLLM server exited with code {srv.proc.returncode}; see {log}")
+    except KeyboardInterrupt:
+        err.print("stopping the vLLM server")
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------- evaluation reports
+
+
+def _report_dir(round_id: str) -> Path:
+    """A round's report/ folder: ID is a round in the store, or a round folder (cai round run --out)."""
+    from cai import store
+
+    path = Path(round_id).expanduser()
+    rd = path if (path / store.ROUND_FILE).exists() or (path / "report").is_dir() else store.round_path(round_id)
+    rep = rd / "report" if (rd / "report").is_dir() else rd
+    if not (rep / "metrics.json").exists():
+        raise InputError(f"{round_id}: no evaluation report yet (report/metrics.json); the round needs its evaluate stage "
+                         "(or run `cai eval ... --out DIR` and give DIR)")
+    return rep
+
+
+def _print_verdict(result: dict) -> None:
+    gate = result["gate"]
+    if gate.get("candidate") is None:
+        out.print(f"gate: passed ({shown(gate.get('note', 'nothing to judge'), True)})")
+        return
+    out.print(f"gate: {'[green]passed[/green]' if gate['passed'] else '[red]FAILED[/red]'} "
+              f"({shown(gate['candidate'], True)} vs {shown(gate['reference'], True)})")
+    for r in gate["reasons"]:
+        out.print(f"  - {shown(r, True)}")
+
+
+@round_app.command("report")
+def round_report(round_id: str = typer.Argument(..., metavar="ID", help="Round id in the store, or a round/eval folder."),
+                 open_: bool = typer.Option(False, "--open", help="Open index.html in a browser."),
+                 as_json: bool = typer.Option(False, "--json", help="Print metrics.json.")) -> None:
+    """A round's evaluation: the gate verdict and its metrics per policy (report/index.html has the plots)."""
+    from rich.table import Table
+
+    from cai import report
+
+    rep = _report_dir(round_id)
+    result = json.loads((rep / "metrics.json").read_text())
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    _print_verdict(result)
+    t = Table("metric", *result["policies"])
+    for k in report.TABLE:
+        if any(k in result["metrics"][p] for p in result["policies"]):
+            t.add_row(k, *(report.fmt(result["metrics"][p].get(k)) for p in result["policies"]))
+    out.print(t)
+    page = rep / "index.html"
+    out.print(f"report: {shown(page, True)}")
+    if open_:
+        import webbrowser
+
+        webbrowser.open(page.resolve().as_uri())
+
+
+@round_app.command("compare")
+def round_compare(a: str = typer.Argument(..., metavar="A"), b: str = typer.Argument(..., metavar="B")) -> None:
+    """Two rounds' evaluations side by side (each round's candidate policy)."""
+    from rich.table import Table
+
+    from cai import report
+
+    ra, rb = (json.loads((_report_dir(x) / "metrics.json").read_text()) for x in (a, b))
+    t = Table("metric", shown(a, True), shown(b, True))
+    for name, x, y in report.compare(ra, rb):
+        t.add_row(shown(name, True), shown(x, True), shown(y, True))
+    out.print(t)
+
+
+@app.command("eval")
+def eval_cmd(
+    out_dir: Path = typer.Option(..., "--out", help="Folder to write the report into (new or empty)."),
+    model: Optional[str] = typer.Option(None, help="Model spec to evaluate (smollm2-135m, a folder, a cached hub id)."),
+    adapter: Optional[Path] = typer.Option(None, help="A PEFT adapter on the model: evaluated against the model without it."),
+    responses: Optional[Path] = typer.Option(None, help="Score given answers instead: JSONL with prompt (or messages), response, optional set."),
+    judge: Optional[str] = typer.Option(None, help="Judge model spec (default with --model: its base; with --responses: none, rule-based metrics only)."),
+    probes: str = typer.Option("shipped", help="Probe sets: shipped, a JSONL file or a folder of them."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N probes of each set."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Tokens per answer."),
+    batch_size: int = typer.Option(16, min=1, help="Generation and judging batch size."),
+    principles_per_answer: Optional[int] = typer.Option(None, min=1, help="Principles asked of each answer (default: all)."),
+    no_judge: bool = typer.Option(False, "--no-judge", help="Rule-based metrics only (no judge model)."),
+    gate: str = typer.Option("shipped", help="Gate thresholds YAML (default: the shipped cai/data/gate.yaml)."),
+    constitution: ConstitutionOpt = None,
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Evaluate any model (or a file of answers) on the probes and write the same report as a round's."""
+    from cai import evaluate
+    from cai.config import DEFAULT_CONSTITUTION
+
+    if (model is None) == (responses is None):
+        raise InputError("cai eval: give one of --model SPEC or --responses FILE")
+    if adapter is not None and model is None:
+        raise InputError("--adapter: needs --model (the base it goes on)")
+    try:
+        settings = evaluate.EvalSettings(probes=probes, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         principles_per_answer=principles_per_answer, judge=not no_judge, gate=gate)
+    except ValueError as e:
+        raise InputError(f"cai eval: {e}") from None
+    evaluate.load_gate(settings.gate)  # a bad gate file is refused before any work
+    started = time.time()
+    result = evaluate.run_eval(out_dir, model=model, adapter=str(adapter) if adapter else None, responses=responses,
+                               judge=None if no_judge else judge, settings=settings,
+                               constitution=constitution or DEFAULT_CONSTITUTION, seed=seed,
+                               on_step=lambda msg: err.print(shown(msg), markup=False))
+    _print_verdict(result)
+    err.print(shown(f"{result['cost']['answers']} answers scored in {time.time() - started:.1f} s; "
+                    f"report: {out_dir / 'index.html'}"), markup=False)
 
 
 @app.command("worker")

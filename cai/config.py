@@ -22,11 +22,39 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cai import stages as stages_mod
 from cai import yamlio
 from cai.critique import CritiqueSettings
+from cai.evaluate import EvalSettings
 from cai.feedback import LabelSettings
 from cai.generation import Sampling
+from cai.pairs import PairSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONSTITUTION = REPO / "constitution" / "default.yaml"
+
+
+class ServerSettings(BaseModel):
+    """An OpenAI-compatible inference server a round generates or judges through (cai.server).
+    The API key is never part of it: it comes from the environment (CAI_ENGINE_API_KEY)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(..., description="Base URL, e.g. http://127.0.0.1:8000 (no credentials in it).")
+    model: str | None = Field(None, description="Served model name; default: the first model the server serves.")
+    concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once (the server batches them).")
+    timeout: float = Field(300, gt=0, description="Seconds per request.")
+    retries: int = Field(4, ge=0, le=20, description="Retries per request on connection errors, 429 and 5xx (with backoff).")
+
+    @field_validator("url")
+    @classmethod
+    def _plain_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        p = urlsplit(v.strip())
+        if p.scheme not in ("http", "https") or not p.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
+        if p.username is not None or p.password is not None or p.query or p.fragment:
+            raise ValueError("the URL holds credentials, a query or a fragment; give the bare URL and put the key in "
+                             "CAI_ENGINE_API_KEY (it is never written to a round)")
+        return v.strip().rstrip("/")
 
 
 class RoundConfig(BaseModel):
@@ -36,7 +64,7 @@ class RoundConfig(BaseModel):
 
     constitution: str = Field(str(DEFAULT_CONSTITUTION), description="Constitution YAML path.")
     prompts: str | None = Field(None, description="Prompts: .jsonl, .parquet, a dataset folder or a shipped set.")
-    pairs: str | None = Field(None, description="Label this responses file (prompt + responses: [a, b]) instead of sampling pairs.")
+    pairs_file: str | None = Field(None, description="Label this responses file (prompt + responses: [a, b]) instead of making pairs.")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
     model: str = Field("smollm2-135m", description="Policy model spec.")
     judge: str | None = Field(None, description="Feedback model spec; default: the policy's base model.")
@@ -45,9 +73,13 @@ class RoundConfig(BaseModel):
     seed: int = 0
     sampling: Sampling = Field(default_factory=Sampling)
     critique: CritiqueSettings = Field(default_factory=CritiqueSettings)
+    pairs: PairSettings = Field(default_factory=PairSettings)
     label: LabelSettings = Field(default_factory=LabelSettings)
+    evaluate: EvalSettings = Field(default_factory=EvalSettings)
     recipe: str = Field("cpu-tiny", description="Training recipe: a shipped name or a YAML path.")
     parent: str | None = Field(None, description="Parent round id: generation and training start from its policy adapter.")
+    engine: ServerSettings | None = Field(None, description="Server for the policy's generation (respond, critique, pairs); default: in process.")
+    judge_engine: ServerSettings | None = Field(None, description="Server for the judge (label); default: in process.")
 
     @field_validator("stages")
     @classmethod
@@ -61,11 +93,13 @@ class RoundConfig(BaseModel):
 
     def problems(self) -> list[str]:
         """Checks across fields (made after overrides are applied): the stage plan and inputs."""
-        out = [f"stages: {p}" for p in stages_mod.check_plan(self.stages, pairs_file=self.pairs is not None)]
-        if self.prompts is None and self.pairs is None:
-            out.append("prompts: required (or pairs: FILE for a label-only round)")
-        if self.pairs is not None and self.prompts is not None:
-            out.append("pairs: a pairs file replaces the prompts; give one of prompts or pairs")
+        out = [f"stages: {p}" for p in stages_mod.check_plan(self.stages, pairs_file=self.pairs_file is not None)]
+        if self.prompts is None and self.pairs_file is None:
+            out.append("prompts: required (or pairs_file: FILE for a label-only round)")
+        if self.pairs_file is not None and self.prompts is not None:
+            out.append("pairs_file: a pairs file replaces the prompts; give one of prompts or pairs_file")
+        if "pairs" in self.stages and "revision" in self.pairs.sources and "critique" not in self.stages:
+            out.append("pairs.sources: revision pairs need the critique stage in the same round")
         return out
 
     def to_yaml(self) -> str:
@@ -106,7 +140,7 @@ def resolve(data: dict, overrides: dict | None = None) -> RoundConfig:
     if cfg.problems():
         raise InputError(cfg.problems())
     updates = {}
-    for key in ("constitution", "prompts", "pairs", "model", "judge", "recipe"):
+    for key in ("constitution", "prompts", "pairs_file", "model", "judge", "recipe"):
         value = getattr(cfg, key)
         if value and Path(value).expanduser().exists():
             updates[key] = str(Path(value).expanduser().resolve())

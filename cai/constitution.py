@@ -34,6 +34,19 @@ class Principle(BaseModel):
     )
     weight: float = Field(1.0, gt=0, description="Sampling weight, > 0.")
     tags: list[Tag] = Field(default_factory=list)
+    follow_prompt: Text | None = Field(
+        None, description="Contrastive pairs (RLCD): a system prompt asking to follow this principle; give with violate_prompt."
+    )
+    violate_prompt: Text | None = Field(
+        None, description="Contrastive pairs (RLCD): a system prompt asking for the opposite; give with follow_prompt."
+    )
+
+    @model_validator(mode="after")
+    def _both_prompts(self) -> "Principle":
+        if (self.follow_prompt is None) != (self.violate_prompt is None):
+            have, lack = ("follow_prompt", "violate_prompt") if self.violate_prompt is None else ("violate_prompt", "follow_prompt")
+            raise ValueError(f"{have} is given but {lack} is not; give both (contrastive pairs need the two) or neither")
+        return self
 
 
 class FewShot(BaseModel):
@@ -76,7 +89,12 @@ class Constitution(BaseModel):
     @property
     def hash(self) -> str:
         """Canonical content hash: the constitution's version."""
-        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        for p in data["principles"]:  # optional keys added later: absent ones leave older hashes unchanged
+            for key in ("follow_prompt", "violate_prompt"):
+                if p.get(key) is None:
+                    p.pop(key, None)
+        canon = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
 
     def principle(self, pid: str) -> Principle:

@@ -25,6 +25,7 @@ class CritiqueSettings(BaseModel):
     passes: int = Field(2, ge=1, le=8)
     few_shot: int = Field(4, ge=0, description="How many of the constitution's worked examples go in front.")
     drop_degenerate: bool = True
+    revision_candidates: int = Field(1, ge=1, le=8, description="Revisions sampled per request; the first usable one is kept.")
 
 
 def sample_principle(constitution: Constitution, seed: int, prompt_id: str, n: int, salt: str = "critique") -> Principle:
@@ -80,8 +81,28 @@ def repetitive(text: str) -> bool:
     return any(lines.count(line) >= 3 for line in set(lines))
 
 
-def degenerate(revision: str, previous: str, finished: bool) -> str | None:
-    """Why a revision is unusable (empty, unchanged, truncated, repetitive), or None."""
+# a revision that talks about "the response" instead of being one (small models often do)
+_META = re.compile(r"^\W*(the|this|my|your)\s+(previous\s+|original\s+|revised\s+|assistant'?s?\s+|last\s+)*"
+                   r"(response|answer|assistant|critique|revision|statement)\b", re.I)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def copies(text: str, other: str) -> bool:
+    """text is other again: the same words, or nearly all of one inside the other."""
+    a, b = _words(text), _words(other)
+    if not a or not b:
+        return False
+    return len(a & b) / min(len(a), len(b)) >= 0.8 and len(a & b) / max(len(a), len(b)) >= 0.5
+
+
+def degenerate(revision: str, previous: str, finished: bool, critique: str | None = None,
+               examples: tuple[str, ...] = ()) -> str | None:
+    """Why a revision is unusable, or None: empty, unchanged, truncated, repetitive, a copy
+    of the critique, a copy of a worked example's text, or meta (it comments on "the
+    response" instead of being one)."""
     if not revision.strip():
         return "empty"
     if _norm(revision) == _norm(previous):
@@ -90,6 +111,12 @@ def degenerate(revision: str, previous: str, finished: bool) -> str | None:
         return "truncated"
     if repetitive(revision):
         return "repetitive"
+    if critique and copies(revision, critique):
+        return "copies-critique"
+    if any(copies(revision, ex) for ex in examples):
+        return "copies-example"
+    if _META.match(revision):
+        return "meta"
     return None
 
 
@@ -102,6 +129,7 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
     settings.drop_degenerate (the caller counts drops from the critique rows).
     """
     shots = _few_shot_turns(constitution, settings.few_shot)
+    examples = tuple(t for ex in constitution.few_shot[: settings.few_shot] for t in (ex.revision, ex.critique))
     current = [r["response"] for r in responses]
     accepted = [0] * len(responses)
     used: list[list[str]] = [[] for _ in responses]
@@ -116,14 +144,17 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
                  {"role": "user", "content": f"Revision request: {p.revision_request}"}]
             for a, c, p in zip(ask_c, critiques, principles)
         ]
-        revisions = engine.generate(ask_r, sampling.derived("revise", n))
-        for i, (r, p, c, v) in enumerate(zip(responses, principles, critiques, revisions)):
-            text = clean(v.text)
-            why = degenerate(text, current[i], v.finished)
+        k = settings.revision_candidates  # k samples of each revision, in one batch; the first usable one wins
+        drawn = engine.generate([a for a in ask_r for _ in range(k)], sampling.derived("revise", n))
+        for i, (r, p, c) in enumerate(zip(responses, principles, critiques)):
+            tried = [(clean(v.text), v) for v in drawn[i * k : (i + 1) * k]]
+            verdicts = [degenerate(t, current[i], v.finished, clean(c.text), examples) for t, v in tried]
+            pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
+            text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]
             crit_rows.append({
                 "prompt_id": r["prompt_id"], "pass": n, "principle": p.id,
                 "before": current[i], "critique": clean(c.text), "revision": text,
-                "revision_tokens": v.n_tokens, "degenerate": why,
+                "revision_tokens": v.n_tokens, "degenerate": why, "candidates": k,
                 "provenance": provenance,
             })
             used[i].append(p.id)

@@ -1,4 +1,4 @@
-"""Stages 4-5: sample response pairs, then label them with AI feedback (RLAIF).
+"""Stage 5: label response pairs with AI feedback (RLAIF), after a judge self-check.
 
 The judge reads the conversation, both responses as (A) and (B) and one principle's
 preference question, with worked examples in front (built from the constitution's
@@ -10,11 +10,20 @@ judged in both orders and under k sampled principles, and the probabilities aver
 The passage (conversation + both responses) comes before the principle's question, so
 the k questions about one (pair, order) share the passage's computation.
 
-Knows the constitution and the generation helpers; knows nothing about files or queues.
+Before labeling, the judge answers known-answer pairs (`self_check`: shipped pairs written
+by the team, plus the constitution's worked examples not shown in its prompt) in both
+orders; a judge below the accuracy or position-consistency thresholds labels nothing
+(unless told to go on). Pairs whose better answer is known by construction (revision,
+contrastive; see cai.pairs) get their label from construction; a judge that passed its
+check still scores them (`judge_p_chosen`). Column names never collide with those TRL's
+trainers read (TRL_COLUMNS).
+
+Knows the constitution and the engine seam; knows nothing about files or queues.
 """
 
 from __future__ import annotations
 
+import json
 import random
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,7 +32,6 @@ from cai.constitution import Constitution, Principle
 from cai.engine import Engine
 from cai.errors import InputError
 from cai.generation import Sampling, choice_token_ids
-from cai.prompts import Prompt
 
 ANSWER_PREFIX = "The better response is ("
 COT_PREFIX = "Let's think step by step."
@@ -40,24 +48,18 @@ class LabelSettings(BaseModel):
     cot_max_new_tokens: int = Field(64, gt=0)
     clamp: tuple[float, float] = (0.4, 0.6)  # applied to chain-of-thought probabilities only
     batch_size: int = Field(16, gt=0)
+    check_min_accuracy: float = Field(0.7, ge=0, le=1, description="Self-check: least accuracy on known-answer pairs.")
+    check_min_consistency: float = Field(0.5, ge=0, le=1, description="Self-check: least position consistency.")
+    skip_check: bool = Field(False, description="Label with a judge that failed its self-check anyway.")
+    constructed_p_chosen: float = Field(1.0, gt=0.5, le=1, description="The label of pairs better by construction.")
 
 
-# ---------------------------------------------------------------- pairs
-
-
-def sample_pairs(engine: Engine, prompts: list[Prompt], sampling: Sampling) -> tuple[list[dict], int]:
-    """Two sampled responses per prompt (one batched call); identical pairs skipped and counted."""
-    convs = [p.messages for p in prompts for _ in (0, 1)]
-    gens = engine.generate(convs, sampling)
-    rows, identical = [], 0
-    for i, p in enumerate(prompts):
-        a, b = gens[2 * i], gens[2 * i + 1]
-        if " ".join(a.text.split()) == " ".join(b.text.split()):
-            identical += 1
-            continue
-        rows.append({"prompt_id": p.id, "messages": p.messages, "category": p.category,
-                     "responses": [a.text, b.text], "finished": [a.finished, b.finished]})
-    return rows, identical
+# names TRL 1.16's SFT, Reward and DPO trainers read from a dataset row besides their own
+# text columns: a column of ours must never carry one (e.g. `margin` is a loss offset there)
+TRL_COLUMNS = {"margin", "ref_chosen_logps", "ref_rejected_logps", "input_ids", "labels", "attention_mask",
+               "completion_mask", "assistant_masks", "seq_lengths", "chosen_ids", "rejected_ids", "prompt_ids",
+               "image", "images", "text", "tools", "chat_template_kwargs"}
+GENERIC_QUESTION = "Which response is more helpful, honest and harmless?"
 
 
 # ---------------------------------------------------------------- the judge
@@ -120,7 +122,7 @@ def label_pairs(engine: Engine, constitution: Constitution, pairs: list[dict], s
     """Label every pair: k principles x both orders, read from next-token log-probs.
 
     Returns one row per pair with p_first (the probability that responses[0] is better),
-    chosen/rejected, p_chosen, margin, per-principle detail, and `valid`.
+    chosen/rejected, p_chosen, label_margin, per-principle detail, and `valid`.
     """
     check_judge(constitution)
     shots = _few_shot_turns(constitution, settings.few_shot)
@@ -175,8 +177,9 @@ def label_pairs(engine: Engine, constitution: Constitution, pairs: list[dict], s
             "prompt": pair["messages"],
             "chosen": [{"role": "assistant", "content": pair["responses"][r_c]}],
             "rejected": [{"role": "assistant", "content": pair["responses"][r_r]}],
-            "p_chosen": p_chosen, "margin": 2 * p_chosen - 1, "valid": valid,
+            "p_chosen": p_chosen, "label_margin": 2 * p_chosen - 1, "valid": valid,
             "prompt_id": pair["prompt_id"], "category": pair.get("category"),
+            "source": pair.get("source", "file"), "label_source": "judge",
             "p_first": p_first, "chosen_index": r_c,
             "principles": [{**x, "p_chosen": x["p_first"] if r_c == 0 else 1 - x["p_first"]} for x in per],
             "provenance": {**provenance, "principles": chosen_principles[i], "seed": seed,
@@ -185,17 +188,132 @@ def label_pairs(engine: Engine, constitution: Constitution, pairs: list[dict], s
     return rows
 
 
+def constructed_labels(pairs: list[dict], settings: LabelSettings, provenance: dict,
+                       judged: list[dict] | None = None) -> list[dict]:
+    """Rows for pairs better by construction (revision, contrastive): the label is the
+    construction's; `judged` (the judge's rows for the same pairs, if it passed its check)
+    adds the judge's probability for the constructed winner."""
+    rows = []
+    for n, pair in enumerate(pairs):
+        b = pair["better"]
+        p = settings.constructed_p_chosen
+        row = {
+            "prompt": pair["messages"],
+            "chosen": [{"role": "assistant", "content": pair["responses"][b]}],
+            "rejected": [{"role": "assistant", "content": pair["responses"][1 - b]}],
+            "p_chosen": p, "label_margin": 2 * p - 1, "valid": True,
+            "prompt_id": pair["prompt_id"], "category": pair.get("category"),
+            "source": pair["source"], "label_source": "construction", "p_first": p if b == 0 else 1 - p, "chosen_index": b,
+            "principles": [], "provenance": {**provenance, "principle": pair.get("principle")},
+        }
+        if judged is not None:
+            j = judged[n]
+            row["judge_p_chosen"] = j["p_first"] if b == 0 else 1 - j["p_first"]
+            row["principles"] = j["principles"]
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- the judge's self-check
+
+
+def calibration_items(constitution: Constitution, settings: LabelSettings) -> list[dict]:
+    """Known-answer pairs: the shipped ones, plus the constitution's worked examples that the
+    judge's prompt does not already show (response vs its revision, under its principle)."""
+    from importlib import resources
+
+    from cai.store import jsonl_lines
+
+    text = (resources.files("cai") / "data" / "calibration" / "judge.jsonl").read_text("utf-8")
+    items = [json.loads(x) for x in jsonl_lines(text) if x.strip()]
+    for i, ex in enumerate(constitution.few_shot[settings.few_shot:], start=settings.few_shot):
+        items.append({"id": f"few_shot[{i}]", "prompt": ex.prompt, "better": ex.revision, "worse": ex.response,
+                      "principle": ex.principle})
+    return items
+
+
+def _question(constitution: Constitution, item: dict) -> str:
+    if item.get("principle"):
+        p = constitution.principle(item["principle"])
+        if p.preference_question:
+            return p.preference_question
+    tagged = [p for p in constitution.principles if item.get("principle_tag") in p.tags and p.preference_question]
+    return tagged[0].preference_question if tagged else GENERIC_QUESTION
+
+
+def self_check(engine: Engine, constitution: Constitution, settings: LabelSettings) -> dict:
+    """The judge on known-answer pairs, both orders: accuracy (the better answer wins on
+    average over the two orders), position consistency (both orders pick the same answer),
+    mean choice mass; `passed` against the settings' thresholds. `rows` has every item."""
+    items = calibration_items(constitution, settings)
+    shots = _few_shot_turns(constitution, settings.few_shot)
+    convs = []
+    for it in items:
+        msgs = [{"role": "user", "content": it["prompt"]}]
+        q = _question(constitution, it)
+        for a, b in ((it["better"], it["worse"]), (it["worse"], it["better"])):
+            convs.append(shots + [{"role": "user", "content": judge_question(msgs, q, a, b)}])
+    masses = engine.choice_mass(convs, [ANSWER_PREFIX] * len(convs), ("A", "B"), batch_size=settings.batch_size)
+    rows = []
+    for n, it in enumerate(items):
+        (a0, b0), (a1, b1) = masses[2 * n], masses[2 * n + 1]
+        p0 = a0 / (a0 + b0) if a0 + b0 > 0 else 0.5  # order 0: the better answer is A
+        p1 = b1 / (a1 + b1) if a1 + b1 > 0 else 0.5  # order 1: the better answer is B
+        mass = min(a0 + b0, a1 + b1)
+        valid = mass >= settings.min_mass
+        rows.append({"id": it["id"], "p_better_order0": round(p0, 4), "p_better_order1": round(p1, 4),
+                     "mass": round(mass, 4), "valid": valid, "correct": valid and (p0 + p1) / 2 > 0.5,
+                     "consistent": valid and (p0 > 0.5) == (p1 > 0.5)})
+    n = len(rows) or 1
+    acc = sum(r["correct"] for r in rows) / n
+    cons = sum(r["consistent"] for r in rows) / n
+    return {
+        "items": len(rows), "accuracy": round(acc, 4), "position_consistency": round(cons, 4),
+        "mean_choice_mass": round(sum(r["mass"] for r in rows) / n, 4), "invalid": sum(not r["valid"] for r in rows),
+        "min_accuracy": settings.check_min_accuracy, "min_consistency": settings.check_min_consistency,
+        "passed": acc >= settings.check_min_accuracy and cons >= settings.check_min_consistency, "rows": rows,
+    }
+
+
+def check_failed_line(judge: str, check: dict) -> str:
+    """One line: the figures of a failed self-check and what to do."""
+    return (f"label: the judge {judge} failed its self-check on {check['items']} known-answer pairs: accuracy "
+            f"{check['accuracy']:.2f} (needs {check['min_accuracy']:.2f}), position consistency "
+            f"{check['position_consistency']:.2f} (needs {check['min_consistency']:.2f}), mean choice mass "
+            f"{check['mean_choice_mass']:.2f}; use a stronger judge (--judge SPEC or a judge server), or pair sources "
+            "that need no judge (pairs.sources: [revision] or [contrastive]), or label.skip_check: true to label anyway")
+
+
+def nothing_survived(stats: dict, judge: str) -> str:
+    """One line: why no preference pair is left to train on, with the judge's figures."""
+    parts = [f"no usable preference pairs: {stats['pairs_labeled']} labeled"]
+    if stats.get("pairs_unlabeled_judge_failed"):
+        parts.append(f"{stats['pairs_unlabeled_judge_failed']} left unlabeled because the judge failed its self-check")
+    if stats["pairs_invalid"]:
+        parts.append(f"{stats['pairs_invalid']} invalid (the judge put under min_mass on A/B; mean choice mass "
+                     f"{stats['mean_choice_mass']})")
+    if stats["pairs_below_margin"]:
+        parts.append(f"{stats['pairs_below_margin']} below min_margin {stats['min_margin']} (position consistency "
+                     f"{stats['position_consistency']})")
+    check = stats.get("self_check")
+    if check:
+        parts.append(f"judge {judge} self-check accuracy {check['accuracy']:.2f}, position consistency "
+                     f"{check['position_consistency']:.2f} ({'passed' if check['passed'] else 'failed'})")
+    return "; ".join(parts) + ("; use a stronger judge, pair sources that need no judge (pairs.sources: [revision]), "
+                               "more prompts, or a lower label.min_margin")
+
+
 def judge_stats(rows: list[dict], settings: LabelSettings) -> dict:
     """The judge's figures for the manifest."""
     evals = [x for r in rows for x in r["principles"]]
-    kept = [r for r in rows if r["valid"] and r["margin"] >= settings.min_margin]
+    kept = [r for r in rows if r["valid"] and r["label_margin"] >= settings.min_margin]
     bins = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
     hist = {f"{lo:.1f}-{min(hi, 1):.1f}": sum(1 for r in rows if r["valid"] and lo <= r["p_chosen"] < hi)
             for lo, hi in zip(bins, bins[1:])}
     return {
         "pairs_labeled": len(rows),
         "pairs_invalid": sum(1 for r in rows if not r["valid"]),
-        "pairs_below_margin": sum(1 for r in rows if r["valid"] and r["margin"] < settings.min_margin),
+        "pairs_below_margin": sum(1 for r in rows if r["valid"] and r["label_margin"] < settings.min_margin),
         "pairs_kept": len(kept),
         "position_consistency": round(sum(x["consistent"] for x in evals) / len(evals), 4) if evals else None,
         "mean_choice_mass": round(sum((x["mass_order0"] + x["mass_order1"]) / 2 for x in evals) / len(evals), 4) if evals else None,

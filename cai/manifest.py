@@ -1,5 +1,7 @@
 """The round's manifest.json: config, constitution, models, seeds, versions, each stage's
-status and timings, and the figures each finished stage counts (its row's `count`).
+status and timings, and the figures each finished stage counts (its row's `count`), and
+the inference servers the round uses (inputs/servers.json, written when it was prepared:
+URL without credentials, served model, server version).
 
 Rewritten whole (atomically) after every merge and status change; `status` and `error`
 set by the queue survive rewrites. Knows the plan and the stage table; knows nothing
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from cai import plan, store
 from cai.config import Round
-from cai.stages import ROW, judge_spec
+from cai.stages import ROW, judge_spec, producers
 
 
 def versions() -> dict:
@@ -73,7 +75,9 @@ def write_manifest(round_dir: Path, cfg: Round | None = None, extra: dict | None
         "config": cfg.model_dump(mode="json"),
         "constitution": {"name": cons.name, "hash": cons.hash, "snapshot": "constitution.yaml",
                          "principles": [p.id for p in cons.principles]},
-        "models": {"policy": cfg.model, **({"judge": judge_spec(cfg)} if "label" in cfg.stages else {})},
+        "models": {"policy": cfg.model, **({"judge": judge_spec(cfg)} if "label" in cfg.stages else {}),
+                   "stages": producers(round_dir, cfg)},
+        **({"servers": store.read_json(servers)} if (servers := round_dir / "inputs" / "servers.json").exists() else {}),
         "seeds": {"round": cfg.seed},
         "versions": versions(),
         "stages": stage_status(round_dir, cfg),

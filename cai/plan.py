@@ -53,12 +53,26 @@ class Unit(BaseModel):
         return self.stage if self.shard is None else f"{self.stage}/{self.shard:04d}"
 
 
-def n_shards(round_dir: Path, cfg: Round) -> int:
+def n_shards(round_dir: Path, cfg: Round, stage: str | None = None) -> int:
+    """Shards of a sharded stage: of the prompts, unless its row counts its own (evaluate)."""
+    if stage is not None and ROW[stage].shards is not None:
+        return ROW[stage].shards(round_dir, cfg)
     return max(1, math.ceil(store.count_lines(round_dir / "inputs" / "prompts.jsonl") / cfg.shard_size))
 
 
 def unit_output(round_dir: Path, unit: Unit) -> Path:
     return ROW[unit.stage].unit_output(round_dir, unit.shard)
+
+
+def queue_of(cfg: Round, stage: str) -> str:
+    """The queue (resource) a stage's units need in this round: its row's, except that a
+    stage generating through an inference server holds no model and goes to `cpu`."""
+    from cai.server import settings_for
+
+    if stage == "evaluate":  # generates as the policy and asks the judge: `cpu` only when both go to servers
+        served = cfg.engine is not None and (cfg.judge_engine is not None or not cfg.evaluate.judge)
+        return "cpu" if served else ROW[stage].queue
+    return "cpu" if settings_for(cfg, stage) is not None else ROW[stage].queue
 
 
 def stage_output(round_dir: Path, stage: str) -> Path:
@@ -68,7 +82,7 @@ def stage_output(round_dir: Path, stage: str) -> Path:
 
 def units_of(round_dir: Path, stage: str, cfg: Round | None = None) -> list[Unit]:
     if ROW[stage].sharded:
-        return [Unit(stage=stage, shard=k) for k in range(n_shards(round_dir, cfg or load_config(round_dir)))]
+        return [Unit(stage=stage, shard=k) for k in range(n_shards(round_dir, cfg or load_config(round_dir), stage))]
     return [Unit(stage=stage)]
 
 
@@ -92,6 +106,8 @@ def needs(round_dir: Path, unit: Unit, cfg: Round) -> list[Unit]:
             out.append(Unit(stage=dep, shard=unit.shard))
         else:
             out += units_of(round_dir, dep, cfg)
+    if row.shard_needs is not None and unit.shard is not None:  # shards of the same stage it reads
+        out += [Unit(stage=unit.stage, shard=k) for k in row.shard_needs(round_dir, cfg, unit.shard)]
     return out
 
 

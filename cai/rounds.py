@@ -21,28 +21,34 @@ from typing import Callable
 import yaml
 from cai import constitution as constitution_mod
 from cai import models as models_mod
+from cai import probes as probes_mod
 from cai import prompts as prompts_mod
+from cai import server as server_mod
 from cai import store
 from cai.config import Round, RoundConfig
 from cai.errors import InputError
+from cai.evaluate import gate_failures, load_gate
 from cai.manifest import write_manifest
 from cai.plan import Unit, is_done, load_config, load_constitution, stage_done, unit_output, units_of
 from cai.stages import ROW, Ctx
 from cai.train import recipe as recipe_mod
 
 ROUND_YAML = "round.yaml"
+SERVERS = Path("inputs") / "servers.json"  # what cai.server.describe said of the round's servers when it was prepared
 
 
 # ---------------------------------------------------------------- preparing
 
 
-def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None) -> Round:
+def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None, force: bool = False) -> Round:
     """Validate every input, then write the round folder's fixed part.
 
     Raises InputError listing every problem found before anything is written or loaded.
     The folder is written beside `dest` and moved into place whole.
     Only when the label stage is asked for does this load the judge's tokenizer (not
     its weights), to check that it can spell the choice letters.
+    A parent round that ended gated (its evaluation failed the gate) is refused unless
+    `force`; prompts that are also evaluation probes are refused, each named.
     """
     from cai.feedback import check_judge
 
@@ -61,12 +67,21 @@ def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None) -> Rou
     if cfg.parent is not None:  # the parent's policy adapter, from the store
         parent_dir = check(store.round_path, cfg.parent)
         parent_policy = str(parent_dir / "adapters" / "policy") if parent_dir else None
-    if cfg.pairs:
-        pair_rows = check(prompts_mod.load_pairs, cfg.pairs, limit=cfg.limit)
+        gated = gate_failures(parent_dir) if parent_dir else []
+        if gated and not force:
+            problems.append(f"--parent: round {cfg.parent} ended gated ({'; '.join(gated)}); its policy is not a parent "
+                            "for the next round unless you pass --force")
+    if cfg.pairs_file:
+        pair_rows = check(prompts_mod.load_pairs, cfg.pairs_file, limit=cfg.limit)
         if pair_rows is not None:
-            ps = prompts_mod.PromptSet(source=cfg.pairs, prompts=[prompts_mod.Prompt(id=r["prompt_id"], messages=r["messages"], category=r.get("category")) for r in pair_rows])
+            ps = prompts_mod.PromptSet(source=cfg.pairs_file, prompts=[prompts_mod.Prompt(id=r["prompt_id"], messages=r["messages"], category=r.get("category")) for r in pair_rows])
     elif cfg.prompts is not None:
         ps = check(prompts_mod.load, cfg.prompts, limit=cfg.limit)
+    probe_list = check(probes_mod.load, cfg.evaluate.probes)
+    if "evaluate" in cfg.stages:
+        check(load_gate, cfg.evaluate.gate)  # a bad gate file fails now, not after the round's work
+    if ps is not None and probe_list:  # probes are held out: never training prompts
+        problems += probes_mod.overlap_problems([p.text for p in ps.prompts], ps.source, probe_list)
     check(models_mod.resolve, cfg.model)
     training = [s for s in cfg.stages if not ROW[s].sharded]
     rec = check(recipe_mod.load, cfg.recipe) if training else None
@@ -76,20 +91,27 @@ def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None) -> Rou
             problems.append(f"recipe {rec.name}: quant.four_bit is on but {why}")
     if parent_policy is not None and not (Path(parent_policy) / "adapter_config.json").exists():
         problems.append(f"--parent: {parent_policy} has no policy adapter (adapter_config.json); the parent round must have finished train-policy")
-    judge_r = check(models_mod.resolve, cfg.judge) if cfg.judge else None
+    served_judge = cfg.judge_engine is not None  # then the judge spec names the served model; nothing loads here
+    judge_r = check(models_mod.resolve, cfg.judge) if cfg.judge and not served_judge else None
     if "label" in cfg.stages and cons is not None:
         check(check_judge, cons)
+    problems += server_mod.check(cfg, dest.parent, parent_policy)  # reachable, right model, LoRA, log-probs
     if problems:
         raise InputError(problems)
-    if "label" in cfg.stages:
+    if "label" in cfg.stages and not served_judge:
         from cai.generation import choice_token_ids
 
         choice_token_ids(models_mod.load_tokenizer(judge_r or models_mod.resolve(cfg.model)))
     if dest.exists() and any(dest.iterdir()):
         raise InputError(f"{dest}: folder is not empty; choose a new --out or remove it")
     rnd = Round(round_id=round_id or store.new_round_id(), **cfg.model_dump())
+    servers = server_mod.describe(cfg)  # URL (no credentials), served model, version: for the manifest
     out = store.tmp_dir_beside(dest)  # written whole, then moved into place: an interrupted prepare leaves nothing
     try:
+        if servers:
+            store.write_json(out / SERVERS, servers)
+        if "evaluate" in cfg.stages:  # the probes snapshot the evaluate stage reads
+            store.write_jsonl(out / "inputs" / "probes.jsonl", [p.model_dump() for p in probes_mod.load(cfg.evaluate.probes, limit=cfg.evaluate.limit)])
         _write_fixed_part(out, cfg, rnd, cons, ps, pair_rows, rec, parent_policy)
         if dest.exists():
             dest.rmdir()  # empty (checked above)
@@ -129,6 +151,9 @@ def reopen(dest: Path, cfg: RoundConfig) -> Round:
     if differ:
         raise InputError(f"{dest}: holds round {rnd.round_id} with other settings ({', '.join(differ)}); choose a new --out, "
                          f"or resume it as it was with --config {dest / ROUND_YAML}")
+    problems = server_mod.check(rnd, dest, str(dest / "inputs" / "parent_policy") if rnd.parent else None)
+    if problems:
+        raise InputError(problems)
     return rnd
 
 

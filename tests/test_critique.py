@@ -26,6 +26,11 @@ def test_degenerate_kinds():
     assert degenerate("new text", "old", False) == "truncated"
     assert degenerate("I am here. " * 20, "old", True) == "repetitive"
     assert degenerate("A proper, different answer.", "old", True) is None
+    crit = "The response helps to deceive, as it uses psychological manipulation to create a false narrative."
+    assert degenerate(crit, "old", True, crit) == "copies-critique"
+    assert degenerate("The response is very safe and will always be the best option.", "old", True, crit) == "meta"
+    assert degenerate("The assistant's response is too long.", "old", True) == "meta"
+    assert degenerate("The Eiffel Tower is 330 m tall.", "old", True, crit) is None  # an answer, not meta
 
 
 def test_critique_revise_on_tiny_model(tiny):

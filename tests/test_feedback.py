@@ -38,7 +38,7 @@ def test_probabilities_and_symmetry(tiny, cons):
     rows = label_pairs(LocalEngine(model, tok), cons, PAIRS, s, seed=1, provenance={"round": "t"})
     swapped = label_pairs(LocalEngine(model, tok), cons, _swap(PAIRS), s, seed=1, provenance={})
     for r, w in zip(rows, swapped):
-        assert 0.5 <= r["p_chosen"] <= 1 and 0 <= r["margin"] <= 1
+        assert 0.5 <= r["p_chosen"] <= 1 and 0 <= r["label_margin"] <= 1
         assert r["p_first"] == pytest.approx(1 - w["p_first"], abs=1e-5)  # swapping A and B swaps the label
         assert r["chosen"] == w["chosen"] and r["rejected"] == w["rejected"]
         assert len(r["principles"]) == 3
@@ -79,7 +79,7 @@ def test_stats_position_consistency():
     def row(p0, p1, valid=True):
         pf = (p0 + p1) / 2
         pc = max(pf, 1 - pf)
-        return {"valid": valid, "margin": 2 * pc - 1, "p_chosen": pc,
+        return {"valid": valid, "label_margin": 2 * pc - 1, "p_chosen": pc,
                 "principles": [{"p_first_order0": p0, "p_first_order1": p1, "mass_order0": 0.5, "mass_order1": 0.7,
                                 "consistent": (p0 > 0.5) == (p1 > 0.5)}]}
     st = judge_stats([row(0.9, 0.8), row(0.9, 0.1), row(0.52, 0.53)], LabelSettings(min_margin=0.1))

@@ -70,7 +70,8 @@ def submit_py(c: Cluster, *, stages: str, limit: int, recipe: Path | None = None
     cfg = {"constitution": str(DEFAULT), "prompts": "sample", "model": str(c.model), "limit": limit, "shard_size": 2,
            "recipe": str(recipe or "cpu-tiny"), "sampling": {"max_new_tokens": 8},
            "critique": {"passes": 1, "drop_degenerate": False},
-           "label": {"min_mass": 0, "min_margin": 0, "principles_per_pair": 1}}
+           "label": {"min_mass": 0, "min_margin": 0, "principles_per_pair": 1, "skip_check": True},
+           "evaluate": {"limit": 1, "principles_per_answer": 1}}
     if stages:
         cfg["stages"] = stages.split(",")
     path = c.root / f"round-{uuid.uuid4().hex[:8]}.yaml"
@@ -117,7 +118,7 @@ def test_full_round_end_to_end_through_the_queue(on_shared, full_round, tmp_path
 
     round_id, st, seconds = full_round
     assert st["status"] == "succeeded", (st["error"], (on_shared.root / "w0.log").read_text()[-3000:])
-    assert set(st["stages"]) == {"respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy"}
+    assert set(st["stages"]) == {"respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy", "evaluate"}
     assert all(s["status"] == "done" for s in st["stages"].values())
     rd = on_shared.round_dir(round_id)
     assert_rows_once(rd, 4)
@@ -131,7 +132,8 @@ def test_full_round_end_to_end_through_the_queue(on_shared, full_round, tmp_path
     dest = tmp_path / "pulled"
     p = on_shared.cli("round", "pull", round_id, "--to", dest)
     assert p.returncode == 0, p.stderr
-    assert sorted(x.name for x in dest.iterdir()) == ["adapters", "constitution.yaml", "datasets", "manifest.json", "recipe.yaml", "round.yaml"]
+    assert sorted(x.name for x in dest.iterdir()) == ["adapters", "constitution.yaml", "datasets", "manifest.json", "recipe.yaml",
+                                                      "report", "round.yaml"]
     assert sorted(x.name for x in (dest / "adapters").iterdir()) == ["policy", "reward", "sft"]
     man = json.loads((dest / "manifest.json").read_text())
     assert man["status"] == "succeeded" and man["finished"] and man["round_id"] == round_id

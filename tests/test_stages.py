@@ -81,7 +81,7 @@ def test_plan_unit_dependencies(tmp_path):
     keys = lambda us: [u.key for u in us]  # noqa: E731
     assert keys(plan.units_of(tmp_path, "respond", cfg)) == ["respond/0000", "respond/0001", "respond/0002"]
     assert keys(plan.needs(tmp_path, plan.Unit(stage="critique", shard=1), cfg)) == ["respond/0001"]
-    assert keys(plan.needs(tmp_path, plan.Unit(stage="pairs", shard=1), cfg)) == ["train-sft"]
+    assert keys(plan.needs(tmp_path, plan.Unit(stage="pairs", shard=1), cfg)) == ["critique/0001", "train-sft"]
     assert keys(plan.needs(tmp_path, plan.Unit(stage="train-policy"), cfg)) == [
         "label/0000", "label/0001", "label/0002", "train-sft"]
     no_sft = Round(round_id="r", prompts="x", shard_size=2, stages=["respond", "pairs", "label", "train-rm"])
@@ -182,3 +182,18 @@ def test_no_import_cycle_among_cai_and_workers():
     assert not cycles, cycles[:5]
     cai_to_workers = {m: {i for i in graph[m] if i.startswith("workers")} for m in graph if m.startswith("cai")}
     assert {m: v for m, v in cai_to_workers.items() if v} == {"cai.cli": {"workers.client"}}
+
+
+def test_revision_candidates_keep_the_first_usable_one():
+    class Alternating:
+        def generate(self, conversations, sampling, *, prefixes=None):
+            if conversations[0][-1]["content"].startswith("Critique request"):
+                return [Generation("It could be safer.", 4, True) for _ in conversations]
+            return [Generation("" if j % 2 == 0 else "A safer, complete answer.", 5, True) for j in range(len(conversations))]
+
+    cons = C.load(DEFAULT)
+    one, _ = critique_revise(Alternating(), cons, _responses(), CritiqueSettings(passes=1), Sampling(), {})
+    two, crit = critique_revise(Alternating(), cons, _responses(), CritiqueSettings(passes=1, revision_candidates=2),
+                                Sampling(), {})
+    assert one == [] and two[0]["messages"][-1]["content"] == "A safer, complete answer."
+    assert crit[0]["candidates"] == 2 and crit[0]["degenerate"] is None

@@ -31,7 +31,7 @@ def _pref_rows(n=12):
     return [{"prompt": [{"role": "user", "content": f"Help me with task {i}?"}],
              "chosen": [{"role": "assistant", "content": "Sure, here is a clear and kind answer."}],
              "rejected": [{"role": "assistant", "content": "No. Go away."}],
-             "p_chosen": 0.8, "margin": 0.6, "valid": True, "prompt_id": f"p{i}",
+             "p_chosen": 0.8, "label_margin": 0.6, "valid": True, "prompt_id": f"p{i}",
              "principles": [{"principle": "harm", "p_first_order0": 0.8, "p_first_order1": 0.7}],
              "provenance": {"round": "r", "judge": "j"}} for i in range(n)]
 

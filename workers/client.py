@@ -25,9 +25,10 @@ __all__ = ["QUEUES", "status", "list_rounds", "cancel", "resume", "submit", "pin
            "run_worker", "redis_answers", "start_redis", "start_worker", "wait_ready", "stop"]
 
 
-def submit(cfg) -> str:
-    """Validate a RoundConfig, write the round into the store and queue it; its id."""
-    return service.submit(cfg)
+def submit(cfg, force: bool = False) -> str:
+    """Validate a RoundConfig, write the round into the store and queue it; its id. `force`
+    lets a gated round be the parent."""
+    return service.submit(cfg, force=force)
 
 
 def redis_url() -> str:

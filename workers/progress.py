@@ -12,7 +12,7 @@ import time
 from cai import plan, store
 from workers import keys
 from workers.lease import parse
-from workers.service import TERMINAL, durable_status
+from workers.service import FINISHED, TERMINAL, durable_status
 from workers.settings import redis_client
 
 
@@ -66,14 +66,14 @@ def status(round_id: str) -> dict:
             "queued": sum(u["state"] == "queued" for u in mine),
             "seconds": man.get("stages", {}).get(stage, {}).get("seconds", 0),  # as of the last merge
         }
-    if durable.get("status") in TERMINAL or durable.get("status") == "succeeded":
+    if durable.get("status") in TERMINAL or durable.get("status") in FINISHED:
         state = durable["status"]
     elif any(u["state"] == "running" for u in units) or plan.finished(rd, cfg):  # finished: the last merge is being recorded
         state = "running"
     else:
         state = "queued"
     return {
-        "round_id": round_id, "status": state, "error": durable.get("error") if state in TERMINAL else None,
+        "round_id": round_id, "status": state, "error": durable.get("error") if state in TERMINAL or state == "gated" else None,
         "parent": cfg.parent, "created": cfg.created, "model": cfg.model, "path": str(rd),
         "stages": stages, "units": units,
     }
@@ -106,7 +106,7 @@ def list_rounds() -> list[dict]:
             rows.append({"round_id": round_id, "status": "broken", "created": _mtime(rd), "model": "?", "stages": [],
                          "parent": None, "lineage": [round_id], "error": why})
             continue
-        state = durable if durable in TERMINAL else ("succeeded" if plan.finished(rd, cfg) else "incomplete")
+        state = durable if durable in TERMINAL or durable == "gated" else ("succeeded" if plan.finished(rd, cfg) else "incomplete")
         rows.append({"round_id": round_id, "status": state, "created": cfg.created, "model": cfg.model,
                      "stages": cfg.stages, "parent": cfg.parent, "lineage": lineage(round_id)})
     return sorted(rows, key=lambda x: x["created"])

@@ -39,6 +39,7 @@ from workers.lease import Lease, parse
 from workers.settings import redis_client, settings
 
 TERMINAL = ("failed", "cancelled")
+FINISHED = ("succeeded", "gated")  # gated: every stage done, but the evaluation failed its gate
 STATUS_FILE = Path("work") / "status.json"
 KEEP_S = 7 * 24 * 3600  # how long a finished round's events and attempt counts stay in Redis
 
@@ -96,12 +97,12 @@ def set_status(round_id: str, status: str, error: str | None = None) -> None:
         event(round_id, "status-not-written", status=status, error=f"{type(e).__name__}: {e}")
         return
     r.hset(keys.round_state(round_id), "durable", 1)
-    if status in TERMINAL or status == "succeeded":
+    if status in TERMINAL or status in FINISHED:
         r.srem(keys.ACTIVE, round_id)
     else:
         r.sadd(keys.ACTIVE, round_id)
     event(round_id, status, error=error)
-    if status == "succeeded":  # every output is in the store: Redis keeps only a week of history
+    if status in FINISHED:  # every output is in the store: Redis keeps only a week of history
         fences = list(r.scan_iter(keys.fence(round_id, "*")))
         if fences:
             r.delete(*fences)
@@ -122,7 +123,7 @@ def events(round_id: str) -> list[dict]:
 # ---------------------------------------------------------------- submitting and advancing
 
 
-def submit(cfg) -> str:
+def submit(cfg, force: bool = False) -> str:
     """Validate and write a new round (a cai.config.RoundConfig) into the store, then queue
     its first units.
 
@@ -136,7 +137,7 @@ def submit(cfg) -> str:
     target = store.round_path(round_id, must_exist=False)
     tmp = store.tmp_dir_beside(target)
     try:
-        rounds.prepare(tmp, cfg, round_id=round_id)
+        rounds.prepare(tmp, cfg, round_id=round_id, force=force)  # force: a gated parent is allowed
         if not store.commit_dir(tmp, target):
             raise InputError(f"round {round_id}: already in the store")
     except BaseException:
@@ -159,10 +160,11 @@ def enqueue(round_id: str, unit: plan.Unit, force: bool = False) -> bool:
     if not r.set(keys.queued(round_id, unit.key), time.time(), nx=not force, ex=int(settings().requeue_after)):
         return False
     row = ROW[unit.stage]
+    queue = plan.queue_of(plan.load_config(store.round_path(round_id)), unit.stage)
     if row.sharded:
-        app.send_task(keys.TASK_SHARD, args=[round_id, unit.stage, unit.shard], queue=row.queue)
+        app.send_task(keys.TASK_SHARD, args=[round_id, unit.stage, unit.shard], queue=queue)
     else:
-        app.send_task(keys.TASK_TRAIN, args=[round_id, unit.stage], queue=row.queue)
+        app.send_task(keys.TASK_TRAIN, args=[round_id, unit.stage], queue=queue)
     return True
 
 
@@ -183,8 +185,11 @@ def advance(round_id: str, force: bool = False) -> list[str]:
             rounds.finalize(rd, stage)
         finished = plan.finished(rd, cfg)
     if finished:
-        if durable_status(rd).get("status") != "succeeded":
-            set_status(round_id, "succeeded")
+        if durable_status(rd).get("status") not in FINISHED:
+            from cai.evaluate import gate_failures
+
+            failed = gate_failures(rd)  # the evaluate stage's gate, when the round has one
+            set_status(round_id, "gated" if failed else "succeeded", "; ".join(failed) if failed else None)
         return []
     sent = [u.key for u in plan.runnable(rd, cfg) if enqueue(round_id, u, force=force)]
     if sent:
@@ -265,8 +270,8 @@ def check_unit(rd: Path, cfg, unit: plan.Unit) -> str | None:
         return f"stage {unit.stage!r} is not in this round's plan ({', '.join(cfg.stages)})"
     if ROW[unit.stage].sharded != (unit.shard is not None):
         return f"stage {unit.stage} is {'sharded' if ROW[unit.stage].sharded else 'not sharded'}; the message says otherwise"
-    if unit.shard is not None and not (0 <= unit.shard < plan.n_shards(rd, cfg)):
-        return f"shard {unit.shard} is out of range for {unit.stage} (0..{plan.n_shards(rd, cfg) - 1})"
+    if unit.shard is not None and not (0 <= unit.shard < plan.n_shards(rd, cfg, unit.stage)):
+        return f"shard {unit.shard} is out of range for {unit.stage} (0..{plan.n_shards(rd, cfg, unit.stage) - 1})"
     return None
 
 
@@ -375,7 +380,7 @@ def fail(round_id: str, error: str, spare: str | None = None) -> None:
 def cancel(round_id: str) -> str:
     rd = store.round_path(round_id)
     if plan.finished(rd):
-        return "succeeded"
+        return durable_status(rd).get("status") or "succeeded"
     status = durable_status(rd).get("status")
     if status in TERMINAL:
         return status

@@ -55,7 +55,7 @@ def train(base_path: str, data: Path, target: Path, ckpt_dir: Path, recipe: Reci
     model, peft_config = common.start_from(model, recipe, sft_adapter)
     weighted = recipe.dpo.weight_by_confidence
     ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-                             **({"weight": float(r.get("margin", 1.0))} if weighted else {})} for r in rows])
+                             **({"weight": float(r.get("label_margin", 1.0))} if weighted else {})} for r in rows])
     kwargs = {}
     if weighted:
         kwargs["data_collator"] = WithColumn(DataCollatorForPreference(pad_token_id=tok.pad_token_id), "weight")

