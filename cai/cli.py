@@ -138,6 +138,7 @@ MinMassOpt = Annotated[Optional[float], typer.Option(min=0, max=0.99, help="Judg
 CotOpt = Annotated[Optional[bool], typer.Option("--cot/--no-cot", help="Judge writes its reasoning first; labels clamped to [0.4, 0.6].")]
 KeepDegenerateOpt = Annotated[Optional[bool], typer.Option("--keep-degenerate/--drop-degenerate", help="Keep SFT rows whose every revision was degenerate (dropped by default).")]
 RecipeOpt = Annotated[Optional[str], typer.Option(help="Training recipe: cpu-tiny (default), gpu-8b, or a YAML path.")]
+CandidatesOpt = Annotated[Optional[int], typer.Option(min=1, max=8, help="Revisions sampled per revision request; the first usable one is kept (1).")]
 PairSourcesOpt = Annotated[Optional[str], typer.Option(help="Comma-separated pair sources: samples, revision, contrastive (default samples,revision).")]
 SkipCheckOpt = Annotated[Optional[bool], typer.Option("--skip-check/--check", help="Label with a judge that failed its self-check anyway (checked by default).")]
 EngineUrlOpt = Annotated[Optional[str], typer.Option(help="OpenAI-compatible server for respond, critique and pairs (env CAI_ENGINE_URL; key: CAI_ENGINE_API_KEY).")]
@@ -155,7 +156,7 @@ FLAG_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
     "max_new_tokens": (("sampling", "max_new_tokens"),),
     "batch_size": (("sampling", "batch_size"), ("label", "batch_size")),
     "passes": (("critique", "passes"),), "keep_degenerate": (("critique", "drop_degenerate"),),
-    "pair_sources": (("pairs", "sources"),),
+    "pair_sources": (("pairs", "sources"),), "revision_candidates": (("critique", "revision_candidates"),),
     "principles_per_pair": (("label", "principles_per_pair"),), "min_margin": (("label", "min_margin"),),
     "min_mass": (("label", "min_mass"),), "cot": (("label", "chain_of_thought"),), "skip_check": (("label", "skip_check"),),
     "engine_url": (("engine", "url"),), "engine_model": (("engine", "model"),),
@@ -203,7 +204,7 @@ def round_run(
     batch_size: BatchSizeOpt = None, shard_size: ShardSizeOpt = None, seed: SeedOpt = None, judge: JudgeOpt = None,
     pairs: PairsOpt = None, principles_per_pair: PrinciplesPerPairOpt = None, min_margin: MinMarginOpt = None,
     min_mass: MinMassOpt = None, cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
-    pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None,
+    pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None, revision_candidates: CandidatesOpt = None,
     engine_url: EngineUrlOpt = None, engine_model: EngineModelOpt = None, judge_url: JudgeUrlOpt = None,
     judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None,
 ) -> None:
@@ -214,7 +215,7 @@ def round_run(
                         passes=passes, max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
                         seed=seed, judge=judge, pairs=pairs, principles_per_pair=principles_per_pair,
                         min_margin=min_margin, min_mass=min_mass, cot=cot, keep_degenerate=keep_degenerate,
-                        recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, engine_url=engine_url,
+                        recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, revision_candidates=revision_candidates, engine_url=engine_url,
                         engine_model=engine_model, judge_url=judge_url, judge_model=judge_model, eval_limit=eval_limit)
     from cai import store
 
@@ -275,7 +276,7 @@ def round_submit(
     shard_size: ShardSizeOpt = None, seed: SeedOpt = None, judge: JudgeOpt = None, pairs: PairsOpt = None,
     principles_per_pair: PrinciplesPerPairOpt = None, min_margin: MinMarginOpt = None, min_mass: MinMassOpt = None,
     cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
-    pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None,
+    pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None, revision_candidates: CandidatesOpt = None,
     engine_url: EngineUrlOpt = None, engine_model: EngineModelOpt = None, judge_url: JudgeUrlOpt = None,
     judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None,
     force: bool = typer.Option(False, "--force", help="Allow a --parent round that ended gated (its evaluation failed the gate)."),
@@ -287,7 +288,7 @@ def round_submit(
                         passes=passes, max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
                         seed=seed, judge=judge, pairs=pairs, principles_per_pair=principles_per_pair,
                         min_margin=min_margin, min_mass=min_mass, cot=cot, keep_degenerate=keep_degenerate,
-                        recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, parent=parent,
+                        recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, revision_candidates=revision_candidates, parent=parent,
                         engine_url=engine_url, engine_model=engine_model, judge_url=judge_url, judge_model=judge_model,
                         eval_limit=eval_limit)
     print(client.submit(cfg, force=force))
@@ -505,6 +506,7 @@ def round_report(round_id: str = typer.Argument(..., metavar="ID", help="Round i
         return
     _print_verdict(result)
     t = Table("metric", *result["policies"])
+    t.columns[0].no_wrap = True
     for k in report.TABLE:
         if any(k in result["metrics"][p] for p in result["policies"]):
             t.add_row(k, *(report.fmt(result["metrics"][p].get(k)) for p in result["policies"]))
@@ -526,6 +528,7 @@ def round_compare(a: str = typer.Argument(..., metavar="A"), b: str = typer.Argu
 
     ra, rb = (json.loads((_report_dir(x) / "metrics.json").read_text()) for x in (a, b))
     t = Table("metric", shown(a, True), shown(b, True))
+    t.columns[0].no_wrap = True
     for name, x, y in report.compare(ra, rb):
         t.add_row(shown(name, True), shown(x, True), shown(y, True))
     out.print(t)
@@ -598,7 +601,6 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
     the default constitution on the bundled sample with the embedded model, watch it, pull it."""
     from cai import store
     from cai.config import RoundConfig
-    from cai.feedback import LabelSettings
     from cai.critique import CritiqueSettings
     from cai.generation import Sampling
     from cai.models import cai_home
@@ -614,9 +616,10 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
         worker_proc = client.start_worker(log)
         err.print(f"started a worker (log: {log})")
         client.wait_ready(worker_proc, log)
-        # min_margin 0: the 135M judge's labels are weak (see counts.judge), and the demo shows every stage
-        cfg = RoundConfig(prompts="sample", sampling=Sampling(max_new_tokens=64), critique=CritiqueSettings(passes=1),
-                          label=LabelSettings(min_margin=0.0))
+        # The 135M judge fails its self-check (it answers by position), so the preference data comes from
+        # revisions (better by construction); 4 candidates per revision request so more of them are usable.
+        cfg = RoundConfig(prompts="sample", sampling=Sampling(max_new_tokens=64),
+                          critique=CritiqueSettings(passes=2, revision_candidates=4))
         round_id = client.submit(cfg)
         err.print(f"submitted round {round_id}")
         final = _watch(round_id)

@@ -26,6 +26,8 @@ def split(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
     train = [r for r in rows if bucket(r) >= fraction]
     if fraction > 0 and not held and len(train) > 1:
         held, train = train[-1:], train[:-1]
+    if not train and held:  # never hold out everything: with one row, it trains (and nothing is held out)
+        train, held = held[:1], held[1:]
     return train, held
 
 

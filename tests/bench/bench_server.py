@@ -13,8 +13,9 @@
    (vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total, in tokens).
 
 Run: python -m pytest tests/bench/bench_server.py -s -p no:cacheprovider --override-ini addopts=""
-Prints the figures (and the machine's load average, as the 2 cores are shared); asserts
-nothing about time.
+Prints the figures: wall time, and CPU time (of this process for the in-process engine, of
+the server's process group for the server), steadier when the machine is shared; and the
+load average. Asserts nothing about time.
 """
 
 import json
@@ -57,10 +58,26 @@ def prefix_cache(url: str) -> tuple[float, float]:
     return total("vllm:prefix_cache_hits_total"), total("vllm:prefix_cache_queries_total")
 
 
-def timed(fn):
-    t = time.perf_counter()
+def group_cpu(pgid: int) -> float:
+    """CPU seconds used so far by every process of a process group (the server and its engine)."""
+    total = 0
+    for stat in os.listdir("/proc"):
+        if not stat.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn, pgid: int | None = None):
+    """(wall seconds, CPU seconds): of this process, or of the server's process group."""
+    t, c = time.perf_counter(), (group_cpu(pgid) if pgid else time.process_time())
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, (group_cpu(pgid) if pgid else time.process_time()) - c
 
 
 def test_bench_server(vllm):
@@ -78,29 +95,35 @@ def test_bench_server(vllm):
     # --- 1. the critique shard three ways
     remote.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2))  # first-request warm-up
     hits0, queries0 = prefix_cache(vllm.url)
+    pgid = vllm.server.proc.pid  # the server runs in its own process group
     srv = Counting(remote)
-    server_s = timed(lambda: critique_revise(srv, cons, responses, settings, s, {}))
+    server_s, server_cpu = timed(lambda: critique_revise(srv, cons, responses, settings, s, {}), pgid)
     hits1, queries1 = prefix_cache(vllm.url)
     load.append(os.getloadavg()[0])
 
     batched = Counting(local)
-    batched_s = timed(lambda: critique_revise(batched, cons, responses, settings, s, {}))
+    batched_s, batched_cpu = timed(lambda: critique_revise(batched, cons, responses, settings, s, {}))
     load.append(os.getloadavg()[0])
 
     loop = Counting(local)
     one = s.model_copy(update={"batch_size": 1})
-    loop_s = timed(lambda: [critique_revise(loop, cons, [r], settings, one, {}) for r in responses])
+    loop_s, loop_cpu = timed(lambda: [critique_revise(loop, cons, [r], settings, one, {}) for r in responses])
     load.append(os.getloadavg()[0])
 
     rate = {k: round(e.tokens / t, 1) for k, e, t in (("loop", loop, loop_s), ("batched", batched, batched_s),
                                                      ("server", srv, server_s))}
+    per_cpu = {k: round(e.tokens / t, 1) for k, e, t in (("loop", loop, loop_cpu), ("batched", batched, batched_cpu),
+                                                        ("server", srv, server_cpu))}
     crit = {"prompts": 16, "passes": 2, "max_new_tokens": 48, "few_shot": settings.few_shot, "concurrency": 16,
             "loop_s": round(loop_s, 1), "batched_s": round(batched_s, 1), "server_s": round(server_s, 1),
             "new_tokens": {"loop": loop.tokens, "batched": batched.tokens, "server": srv.tokens},
-            "tok_per_s": rate,
+            "tok_per_s": rate, "tok_per_cpu_s": per_cpu,
+            "cpu_s": {"loop": round(loop_cpu, 1), "batched": round(batched_cpu, 1), "server": round(server_cpu, 1)},
             "server_vs_loop": round(rate["server"] / rate["loop"], 1),
             "server_vs_batched": round(rate["server"] / rate["batched"], 1),
             "batched_vs_loop": round(rate["batched"] / rate["loop"], 1),
+            "server_vs_loop_cpu_time": round(per_cpu["server"] / per_cpu["loop"], 1),
+            "server_vs_batched_cpu_time": round(per_cpu["server"] / per_cpu["batched"], 1),
             "prefix_cache_hit_rate": round((hits1 - hits0) / max(queries1 - queries0, 1), 3),
             "prefix_cache_tokens": {"hits": int(hits1 - hits0), "queried": int(queries1 - queries0)}}
     print("\nBENCH server critique:", json.dumps(crit))
@@ -109,17 +132,18 @@ def test_bench_server(vllm):
     pairs = prompts.load_pairs(DATA / "signal_pairs.jsonl")
     ls = LabelSettings(principles_per_pair=4, batch_size=16)
     h0, q0 = prefix_cache(vllm.url)
-    label_s = timed(lambda: label_pairs(remote, cons, pairs, ls, seed=0, provenance={}))
+    label_s, label_cpu = timed(lambda: label_pairs(remote, cons, pairs, ls, seed=0, provenance={}), pgid)
     h1, q1 = prefix_cache(vllm.url)
     shots = _few_shot_turns(cons, ls.few_shot)
     convs = [shots + [{"role": "user", "content": judge_question(p["messages"], pr.preference_question, a, b)}]
              for p in pairs for pr in sample_judge_principles(cons, ls.principles_per_pair, 0, p["prompt_id"])
              for a, b in ((p["responses"][0], p["responses"][1]), (p["responses"][1], p["responses"][0]))]
-    verdict_s = timed(lambda: remote.generate(convs, Sampling(max_new_tokens=64, temperature=0)))
+    verdict_s, verdict_cpu = timed(lambda: remote.generate(convs, Sampling(max_new_tokens=64, temperature=0)), pgid)
     load.append(os.getloadavg()[0])
     lab = {"pairs": len(pairs), "evaluations": len(convs), "label_s_per_pair": round(label_s / len(pairs), 2),
            "generated_verdict_s_per_pair": round(verdict_s / len(pairs), 2),
-           "cost_ratio": round(label_s / verdict_s, 3), "logprob_mode": remote.logprob_mode(),
+           "cost_ratio": round(label_s / verdict_s, 3), "cost_ratio_server_cpu_time": round(label_cpu / verdict_cpu, 3),
+           "logprob_mode": remote.logprob_mode(),
            "label_prefix_cache_hit_rate": round((h1 - h0) / max(q1 - q0, 1), 3),
            "load_average_1min": [round(x, 1) for x in load]}
     print("BENCH server labels:", json.dumps(lab))
