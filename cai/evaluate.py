@@ -219,7 +219,7 @@ def given_rows(path: Path, probes: list[Probe]) -> list[dict]:
         messages, category = _to_messages({k: obj[k] for k in ("prompt", "messages", "category") if k in obj}, where, MAX_CHARS)
         p = index.get(normalize(messages[-1]["content"]))
         set_ = obj.get("set") or (p.set if p else "unknown")
-        if p is None and obj.get("set") is not None and obj["set"] not in ("harmful", "borderline", "sycophancy", "helpful"):
+        if obj.get("set") is not None and obj["set"] not in ("harmful", "borderline", "sycophancy", "helpful"):
             raise InputError(f"{where}: 'set' must be harmful, borderline, sycophancy or helpful (got {obj['set']!r})")
         rows.append({"probe": (p.id if p else obj.get("id") or f"row-{n}"), "set": set_, "category": category or (p.category if p else None),
                      "prompt": messages[-1]["content"], "messages": messages, "answer": obj["response"], "n_tokens": None,

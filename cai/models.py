@@ -128,6 +128,14 @@ def materialize_embedded() -> Path:
     return target
 
 
+def judge_spec(model: str, judge: str | None) -> str:
+    """The feedback model of a round: `judge` if given, else the policy's base model (never its adapter)."""
+    if judge:
+        return judge
+    r = resolve(model)
+    return EMBEDDED if r.embedded else r.base
+
+
 def base_path(r: Resolved) -> str:
     return str(materialize_embedded()) if r.embedded else r.base
 

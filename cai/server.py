@@ -506,11 +506,11 @@ def _entry_names(entry: dict) -> set[str]:
 
 def _ranks_needed(cfg, role: str, parent_policy: str | None) -> list[tuple[str, int]]:
     """(what, rank) for every adapter the round will load into this server."""
-    from cai.stages import judge_spec
+    from cai.models import judge_spec as _judge
 
     out: list[tuple[str, int]] = []
     used = [s for s in cfg.stages if ROLES.get(s) == role]
-    spec = cfg.model if role == "engine" else judge_spec(cfg)
+    spec = cfg.model if role == "engine" else _judge(cfg.model, cfg.judge)
     own = spec_adapter(spec)
     if own:
         out.append((f"adapter {own}", adapter_rank(own)))
@@ -557,7 +557,7 @@ def check(cfg, where: Path, parent_policy: str | None = None) -> list[str]:
     the label stage. `where` is a folder on the file system of the round (a probe adapter
     is written there for a moment). Empty when the round uses no server."""
     from cai.errors import InputError
-    from cai.stages import judge_spec
+    from cai.models import judge_spec as _judge
 
     problems: list[str] = []
     for role, flag in FLAGS.items():
@@ -585,7 +585,7 @@ def check(cfg, where: Path, parent_policy: str | None = None) -> list[str]:
                             else f"{head}: serves no model")
             continue
         try:
-            spec = cfg.model if role == "engine" else judge_spec(cfg)
+            spec = cfg.model if role == "engine" else _judge(cfg.model, cfg.judge)
         except InputError:
             continue  # the model spec itself is refused elsewhere
         what = "policy" if role == "engine" else "judge"

@@ -180,10 +180,7 @@ def judge_spec(cfg: "Round") -> str:
     """The feedback model: configured, else the policy's base model (never its adapter)."""
     from cai import models
 
-    if cfg.judge:
-        return cfg.judge
-    r = models.resolve(cfg.model)
-    return models.EMBEDDED if r.embedded else r.base
+    return models.judge_spec(cfg.model, cfg.judge)
 
 
 def _label(ctx: Ctx) -> dict:

@@ -7,12 +7,14 @@
    Goals (issue 10): server >= 12x the loop, >= 3x in-process batched.
 2. Labels through the server (one-token log-prob requests) vs a 64-token generated verdict
    through the same server, same evaluations (both orders x 4 principles per pair).
-   Goal: labels <= 1/3 of the verdict's time. Labels run first (the verdicts then find the
-   passages in the prefix cache: the ratio errs against the labels).
+   Goal: labels <= 1/3 of the verdict's time. Each starts from an empty prefix cache
+   (POST /reset_prefix_cache, a dev-mode route: this module turns VLLM_SERVER_DEV_MODE on
+   for the server it starts), else the second would find the first's passages cached.
 3. The server's prefix-cache hit rate over the critique run, from /metrics
    (vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total, in tokens).
 
 Run: python -m pytest tests/bench/bench_server.py -s -p no:cacheprovider --override-ini addopts=""
+(`-k labels` or `-k critique` for one part; the critique part takes ~15 min idle, mostly the loop).
 Prints the figures: wall time, and CPU time (of this process for the in-process engine, of
 the server's process group for the server), steadier when the machine is shared; and the
 load average. Asserts nothing about time.
@@ -32,6 +34,8 @@ from cai.generation import Sampling
 from cai.server import Client, ServerEngine
 from tests.conftest import DATA
 from tests.test_constitution import DEFAULT
+
+os.environ.setdefault("VLLM_SERVER_DEV_MODE", "1")  # read when the session's server starts: /reset_prefix_cache
 
 
 class Counting:
@@ -80,7 +84,11 @@ def timed(fn, pgid: int | None = None):
     return time.perf_counter() - t, (group_cpu(pgid) if pgid else time.process_time()) - c
 
 
-def test_bench_server(vllm):
+def reset_prefix_cache(url: str) -> bool:
+    return Client(url).request("POST", "/reset_prefix_cache").status == 200
+
+
+def test_bench_server_critique(vllm):
     vllm.ensure(runtime_lora=True)
     cons = constitution.load(DEFAULT)
     ps = prompts.load("all").prompts[::19][:16]
@@ -94,6 +102,7 @@ def test_bench_server(vllm):
 
     # --- 1. the critique shard three ways
     remote.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2))  # first-request warm-up
+    reset_prefix_cache(vllm.url)
     hits0, queries0 = prefix_cache(vllm.url)
     pgid = vllm.server.proc.pid  # the server runs in its own process group
     srv = Counting(remote)
@@ -125,12 +134,21 @@ def test_bench_server(vllm):
             "server_vs_loop_cpu_time": round(per_cpu["server"] / per_cpu["loop"], 1),
             "server_vs_batched_cpu_time": round(per_cpu["server"] / per_cpu["batched"], 1),
             "prefix_cache_hit_rate": round((hits1 - hits0) / max(queries1 - queries0, 1), 3),
-            "prefix_cache_tokens": {"hits": int(hits1 - hits0), "queried": int(queries1 - queries0)}}
+            "prefix_cache_tokens": {"hits": int(hits1 - hits0), "queried": int(queries1 - queries0)},
+            "load_average_1min": [round(x, 1) for x in load]}
     print("\nBENCH server critique:", json.dumps(crit))
 
-    # --- 2. labels vs generated verdicts, both through the server
+
+def test_bench_server_labels(vllm):
+    vllm.ensure(runtime_lora=True)
+    cons = constitution.load(DEFAULT)
+    remote = ServerEngine(ServerSettings(url=vllm.url, concurrency=16))
+    pgid = vllm.server.proc.pid
+    load = [os.getloadavg()[0]]
+    remote.logprob_mode()  # first log-prob request after a start is slow: not part of the figure
     pairs = prompts.load_pairs(DATA / "signal_pairs.jsonl")
     ls = LabelSettings(principles_per_pair=4, batch_size=16)
+    cold = reset_prefix_cache(vllm.url)
     h0, q0 = prefix_cache(vllm.url)
     label_s, label_cpu = timed(lambda: label_pairs(remote, cons, pairs, ls, seed=0, provenance={}), pgid)
     h1, q1 = prefix_cache(vllm.url)
@@ -138,12 +156,13 @@ def test_bench_server(vllm):
     convs = [shots + [{"role": "user", "content": judge_question(p["messages"], pr.preference_question, a, b)}]
              for p in pairs for pr in sample_judge_principles(cons, ls.principles_per_pair, 0, p["prompt_id"])
              for a, b in ((p["responses"][0], p["responses"][1]), (p["responses"][1], p["responses"][0]))]
+    cold = reset_prefix_cache(vllm.url) and cold
     verdict_s, verdict_cpu = timed(lambda: remote.generate(convs, Sampling(max_new_tokens=64, temperature=0)), pgid)
     load.append(os.getloadavg()[0])
     lab = {"pairs": len(pairs), "evaluations": len(convs), "label_s_per_pair": round(label_s / len(pairs), 2),
            "generated_verdict_s_per_pair": round(verdict_s / len(pairs), 2),
            "cost_ratio": round(label_s / verdict_s, 3), "cost_ratio_server_cpu_time": round(label_cpu / verdict_cpu, 3),
-           "logprob_mode": remote.logprob_mode(),
+           "logprob_mode": remote.logprob_mode(), "each_from_an_empty_prefix_cache": cold,
            "label_prefix_cache_hit_rate": round((h1 - h0) / max(q1 - q0, 1), 3),
            "load_average_1min": [round(x, 1) for x in load]}
     print("BENCH server labels:", json.dumps(lab))
