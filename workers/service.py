@@ -110,6 +110,20 @@ def set_status(round_id: str, status: str, error: str | None = None) -> None:
             r.expire(key, KEEP_S)
 
 
+def _mark_running(round_id: str, rd: Path) -> None:
+    """queued -> running, once the first unit starts; never over a status set meanwhile (a
+    failure or cancel from another worker), hence the check under the manifest's lock."""
+    try:
+        with manifest_lock(round_id):
+            if durable_status(rd).get("status") != "queued":
+                return
+            write_manifest(rd, extra={"status": "running", "error": None})
+            store.write_json(rd / STATUS_FILE, {"status": "running", "error": None, "at": time.time()})
+    except OSError:
+        return  # cosmetic: the round runs either way
+    redis_client().hset(keys.round_state(round_id), mapping={"status": "running", "updated": time.time(), "durable": 1})
+
+
 def event(round_id: str, kind: str, **data) -> None:
     r = redis_client()
     r.rpush(keys.events(round_id), json.dumps({"t": round(time.time(), 3), "event": kind, **data}))
@@ -330,7 +344,7 @@ def work(round_id: str, unit: plan.Unit, cache: ModelCache, worker: str, task_id
             return attempt_failed(f"the round folder can't be written: {unwritten}")
         event(round_id, "started", unit=unit.key, worker=worker, token=lease.token, attempt=n)
         if r.hget(keys.round_state(round_id), "status") == "queued":
-            set_status(round_id, "running")
+            _mark_running(round_id, rd)
         lease.start_heartbeat(s.heartbeat)
         faults.before_run(unit.key)
         meta = {"runner": "queue", "worker": worker, "task_id": task_id, "token": lease.token, "attempt": n}
