@@ -151,7 +151,9 @@ def reopen(dest: Path, cfg: RoundConfig) -> Round:
     if differ:
         raise InputError(f"{dest}: holds round {rnd.round_id} with other settings ({', '.join(differ)}); choose a new --out, "
                          f"or resume it as it was with --config {dest / ROUND_YAML}")
-    problems = server_mod.check(rnd, dest, str(dest / "inputs" / "parent_policy") if rnd.parent else None)
+    pending = [s for s in rnd.stages if not all(is_done(dest, u) for u in units_of(dest, s, rnd))]
+    problems = server_mod.check(rnd.model_copy(update={"stages": pending}), dest,  # the servers of what is left to do
+                                str(dest / "inputs" / "parent_policy") if rnd.parent else None)
     if problems:
         raise InputError(problems)
     return rnd
