@@ -37,10 +37,12 @@ class ServerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(..., description="Base URL, e.g. http://127.0.0.1:8000 (no credentials in it).")
+    url: str = Field(..., description="Base URL, e.g. http://127.0.0.1:8000 or http://127.0.0.1:8000/v1 (no credentials in it).")
     model: str | None = Field(None, description="Served model name; default: the first model the server serves.")
     concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once (the server batches them).")
-    timeout: float = Field(300, gt=0, description="Seconds per request.")
+    timeout: float = Field(300, gt=0, le=86400, allow_inf_nan=False,
+                           description="Seconds a whole request may take (a deadline, not a limit per read); "
+                                       "a request with its retries ends within timeout x (retries + 1).")
     retries: int = Field(4, ge=0, le=20, description="Retries per request on connection errors, 429 and 5xx (with backoff).")
 
     @field_validator("url")
@@ -67,6 +69,8 @@ class RoundConfig(BaseModel):
     pairs_file: str | None = Field(None, description="Label this responses file (prompt + responses: [a, b]) instead of making pairs.")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
     model: str = Field("smollm2-135m", description="Policy model spec.")
+    critic: str | None = Field(None, description="Critic model spec (critiques, revisions, answers under the constitution); "
+                               "default: the policy itself.")
     judge: str | None = Field(None, description="Feedback model spec; default: the policy's base model.")
     stages: list[str] = Field(default_factory=lambda: list(stages_mod.DEFAULT), description="Stages to run, in table order.")
     shard_size: int = Field(32, gt=0, description="Prompts per shard (one unit of work).")
@@ -78,8 +82,11 @@ class RoundConfig(BaseModel):
     evaluate: EvalSettings = Field(default_factory=EvalSettings)
     recipe: str = Field("cpu-tiny", description="Training recipe: a shipped name or a YAML path.")
     parent: str | None = Field(None, description="Parent round id: generation and training start from its policy adapter.")
-    engine: ServerSettings | None = Field(None, description="Server for the policy's generation (respond, critique, pairs); default: in process.")
-    judge_engine: ServerSettings | None = Field(None, description="Server for the judge (label); default: in process.")
+    engine: ServerSettings | None = Field(None, description="Server for the policy role (respond, samples, evaluated "
+                                          "answers; and the critic when it is the policy); default: in process.")
+    critic_engine: ServerSettings | None = Field(None, description="Server for a separate critic role; default: in process.")
+    judge_engine: ServerSettings | None = Field(None, description="Server for the judge role (label, evaluate's judge); "
+                                                "default: in process.")
 
     @field_validator("stages")
     @classmethod
@@ -98,6 +105,9 @@ class RoundConfig(BaseModel):
             out.append("prompts: required (or pairs_file: FILE for a label-only round)")
         if self.pairs_file is not None and self.prompts is not None:
             out.append("pairs_file: a pairs file replaces the prompts; give one of prompts or pairs_file")
+        if self.critic_engine is not None and not self.critic:
+            out.append("critic_engine: a critic server needs a critic model (--critic SPEC); without one the critic is "
+                       "the policy and uses its server (--engine-url)")
         if "pairs" in self.stages and "revision" in self.pairs.sources and "critique" not in self.stages:
             out.append("pairs.sources: revision pairs need the critique stage in the same round")
         return out
@@ -140,7 +150,7 @@ def resolve(data: dict, overrides: dict | None = None) -> RoundConfig:
     if cfg.problems():
         raise InputError(cfg.problems())
     updates = {}
-    for key in ("constitution", "prompts", "pairs_file", "model", "judge", "recipe"):
+    for key in ("constitution", "prompts", "pairs_file", "model", "critic", "judge", "recipe"):
         value = getattr(cfg, key)
         if value and Path(value).expanduser().exists():
             updates[key] = str(Path(value).expanduser().resolve())

@@ -5,7 +5,9 @@ and `choice_mass(conversations, prefixes, choices)`: with each conversation's as
 turn started with its prefix ("The better response is ("), the probability that the
 next token spells each choice letter, summed over every token that spells it.
 `groups` (optional) tells which rows share a long passage, so an engine may compute it
-once. `LocalEngine` answers in this process (batched generation, KV-prefix reuse);
+once. A third verb, `score(conversations)`, is a reward model's scalar for each whole
+conversation (`RewardEngine`, the round's reward role). `LocalEngine` answers in this
+process (batched generation, KV-prefix reuse);
 `cai.server.ServerEngine` asks an OpenAI-compatible server. A scripted engine (tests)
 can stand in for either.
 
@@ -66,6 +68,37 @@ class LocalEngine:
         for g, masses in zip(keys, scored):
             for n, m in zip(members[g], masses):
                 out[n] = m
+        return out
+
+
+class RewardEngine:
+    """In-process reward model: the policy's base as a sequence classifier with the round's
+    reward adapter (cai.train.reward); `score` is its scalar per conversation."""
+
+    def __init__(self, base_spec: str, adapter: str, name: str = "reward") -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        from cai import models
+
+        base = models.base_path(models.resolve(base_spec))
+        self.tok = models.load_tokenizer(base, padding_side=None)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, **models.placement())
+        model.config.pad_token_id = self.tok.pad_token_id
+        self.model = PeftModel.from_pretrained(model, adapter).eval()
+        self.name = name
+
+    def score(self, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+        import torch
+
+        texts = [self.tok.apply_chat_template(c, tokenize=False) for c in conversations]
+        out: list[float] = []
+        device = next(self.model.parameters()).device
+        for i in range(0, len(texts), batch_size):
+            enc = self.tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right",
+                           add_special_tokens=False)
+            with torch.inference_mode():
+                out += self.model(**{k: v.to(device) for k, v in enc.items()}).logits.squeeze(-1).float().tolist()
         return out
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from cai import plan, store
 from cai.config import Round
-from cai.stages import ROW, judge_spec, producers
+from cai import roles
+from cai.stages import ROW, producers
 
 
 def versions() -> dict:
@@ -75,7 +76,8 @@ def write_manifest(round_dir: Path, cfg: Round | None = None, extra: dict | None
         "config": cfg.model_dump(mode="json"),
         "constitution": {"name": cons.name, "hash": cons.hash, "snapshot": "constitution.yaml",
                          "principles": [p.id for p in cons.principles]},
-        "models": {"policy": cfg.model, **({"judge": judge_spec(cfg)} if "label" in cfg.stages else {}),
+        "models": {"policy": cfg.model, **({"critic": roles.spec(cfg, "critic")} if "critique" in cfg.stages else {}),
+                   **({"judge": roles.spec(cfg, "judge")} if "label" in cfg.stages else {}),
                    "stages": producers(round_dir, cfg)},
         **({"servers": store.read_json(servers)} if (servers := round_dir / "inputs" / "servers.json").exists() else {}),
         "seeds": {"round": cfg.seed},

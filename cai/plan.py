@@ -66,13 +66,10 @@ def unit_output(round_dir: Path, unit: Unit) -> Path:
 
 def queue_of(cfg: Round, stage: str) -> str:
     """The queue (resource) a stage's units need in this round: its row's, except that a
-    stage generating through an inference server holds no model and goes to `cpu`."""
-    from cai.server import settings_for
+    stage whose every role goes through a server holds no model and goes to `cpu`."""
+    from cai.stages import uses_model_here
 
-    if stage == "evaluate":  # generates as the policy and asks the judge: `cpu` only when both go to servers
-        served = cfg.engine is not None and (cfg.judge_engine is not None or not cfg.evaluate.judge)
-        return "cpu" if served else ROW[stage].queue
-    return "cpu" if settings_for(cfg, stage) is not None else ROW[stage].queue
+    return ROW[stage].queue if uses_model_here(cfg, stage) else "cpu"
 
 
 def stage_output(round_dir: Path, stage: str) -> Path:

@@ -30,7 +30,7 @@ from cai.errors import InputError
 from cai.evaluate import gate_failures, load_gate
 from cai.manifest import write_manifest
 from cai.plan import Unit, is_done, load_config, load_constitution, stage_done, unit_output, units_of
-from cai.stages import ROW, Ctx
+from cai.stages import ROW, Ctx, next_policy, served
 from cai.train import recipe as recipe_mod
 
 ROUND_YAML = "round.yaml"
@@ -66,7 +66,11 @@ def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None, force:
     parent_policy = None
     if cfg.parent is not None:  # the parent's policy adapter, from the store
         parent_dir = check(store.round_path, cfg.parent)
-        parent_policy = str(parent_dir / "adapters" / "policy") if parent_dir else None
+        parent_cfg = check(load_config, parent_dir) if parent_dir else None
+        made = next_policy(parent_cfg.stages) if parent_cfg else None
+        if parent_cfg is not None and made is None:
+            problems.append(f"--parent: round {cfg.parent} trains no policy (its stages: {', '.join(parent_cfg.stages)})")
+        parent_policy = str(parent_dir / made) if parent_dir and made else None
         gated = gate_failures(parent_dir) if parent_dir else []
         if gated and not force:
             problems.append(f"--parent: round {cfg.parent} ended gated ({'; '.join(gated)}); its policy is not a parent "
@@ -90,12 +94,16 @@ def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None, force:
         if why:
             problems.append(f"recipe {rec.name}: quant.four_bit is on but {why}")
     if parent_policy is not None and not (Path(parent_policy) / "adapter_config.json").exists():
-        problems.append(f"--parent: {parent_policy} has no policy adapter (adapter_config.json); the parent round must have finished train-policy")
+        problems.append(f"--parent: {parent_policy} has no policy adapter (adapter_config.json); the parent round must "
+                        f"have finished the stage that makes it")
     served_judge = cfg.judge_engine is not None  # then the judge spec names the served model; nothing loads here
     judge_r = check(models_mod.resolve, cfg.judge) if cfg.judge and not served_judge else None
+    if cfg.critic and cfg.critic_engine is None:
+        check(models_mod.resolve, cfg.critic)
     if "label" in cfg.stages and cons is not None:
         check(check_judge, cons)
-    problems += server_mod.check(cfg, dest.parent, parent_policy)  # reachable, right model, LoRA, log-probs
+    # which server each role of the stages uses; each: reachable, right model, LoRA ranks, log-probs
+    problems += check(lambda: server_mod.check(cfg, dest.parent, parent_policy, served(cfg, cfg.stages))) or []
     if problems:
         raise InputError(problems)
     if "label" in cfg.stages and not served_judge:
@@ -105,7 +113,7 @@ def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None, force:
     if dest.exists() and any(dest.iterdir()):
         raise InputError(f"{dest}: folder is not empty; choose a new --out or remove it")
     rnd = Round(round_id=round_id or store.new_round_id(), **cfg.model_dump())
-    servers = server_mod.describe(cfg)  # URL (no credentials), served model, version: for the manifest
+    servers = server_mod.describe(served(cfg, cfg.stages))  # URL (no credentials), served model, version: for the manifest
     out = store.tmp_dir_beside(dest)  # written whole, then moved into place: an interrupted prepare leaves nothing
     try:
         if servers:
@@ -152,8 +160,8 @@ def reopen(dest: Path, cfg: RoundConfig) -> Round:
         raise InputError(f"{dest}: holds round {rnd.round_id} with other settings ({', '.join(differ)}); choose a new --out, "
                          f"or resume it as it was with --config {dest / ROUND_YAML}")
     pending = [s for s in rnd.stages if not all(is_done(dest, u) for u in units_of(dest, s, rnd))]
-    problems = server_mod.check(rnd.model_copy(update={"stages": pending}), dest,  # the servers of what is left to do
-                                str(dest / "inputs" / "parent_policy") if rnd.parent else None)
+    problems = server_mod.check(rnd, dest, str(dest / "inputs" / "parent_policy") if rnd.parent else None,
+                                served(rnd, pending))  # the servers of what is left to do
     if problems:
         raise InputError(problems)
     return rnd
@@ -176,7 +184,7 @@ def run_unit(round_dir: Path, unit: Unit, cache: models_mod.ModelCache, meta: di
     if is_done(round_dir, unit):
         return False
     ctx = Ctx(rd=round_dir, cfg=cfg, cons=load_constitution(round_dir), stage=unit.stage, shard=unit.shard,
-              cache=cache, guard=guard)
+              cache=cache, guard=guard, rows=ROW)
     if not row.sharded:
         return row.run(ctx)
     started = time.time()
@@ -196,7 +204,7 @@ def finalize(round_dir: Path, stage: str) -> bool:
     if row.merge is None or stage_done(round_dir, stage) or not all(is_done(round_dir, u) for u in units):
         return False
     ctx = Ctx(rd=round_dir, cfg=cfg, cons=load_constitution(round_dir), stage=stage, shard=None,
-              cache=models_mod.ModelCache(), guard=lambda: True)
+              cache=models_mod.ModelCache(), guard=lambda: True, rows=ROW)
     row.merge(ctx, [store.read_json(unit_output(round_dir, u)) for u in units])
     write_manifest(round_dir, cfg)
     return True
