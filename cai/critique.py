@@ -1,15 +1,29 @@
-"""Stages 1-2: respond, then critique-and-revise against sampled principles.
+"""Stages 1-2: respond, then make a better answer under the constitution, two ways:
+
+- `revise` (the paper's critique-and-revise): n passes of critique then revision of the
+  policy's first answer, a principle per pass (drawn by weight among those whose tags fit
+  the prompt's kind, or among all);
+- `principle-driven` (SELF-ALIGN, Sun et al. 2023; context distillation): the critic
+  answers the prompt itself with the constitution's principles as its system prompt.
+
+Either way a text is kept only if it is usable (not empty, unchanged, truncated,
+repetitive, a copy of the critique or a worked example, or "meta" text about "the
+response") and fits the prompt's kind: for a harmful prompt it declines or safely
+redirects, for a helpful or safe-but-scary one it answers for real (cai.refusal reads
+which). Every SFT row says its `source`.
 
 Each function takes a shard of prompts (and an engine) and returns plain records;
 all prompts of a shard advance through every pass together as one batched generation.
-Knows the constitution and the generation helpers; knows nothing about files, queues or
-round folders (the caller writes what these functions return).
+Knows the constitution, the refusal reader and the generation helpers; knows nothing
+about files, queues or round folders (the caller writes what these functions return).
 """
 
 from __future__ import annotations
 
 import random
 import re
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,13 +40,52 @@ class CritiqueSettings(BaseModel):
     few_shot: int = Field(4, ge=0, description="How many of the constitution's worked examples go in front.")
     drop_degenerate: bool = True
     revision_candidates: int = Field(1, ge=1, le=8, description="Revisions sampled per request; the first usable one is kept.")
+    mode: Literal["revise", "principle-driven"] = Field(
+        "revise", description="revise: critique then revise the policy's answer; principle-driven: the critic answers "
+                              "with the constitution's principles as its system prompt.")
+    fit_kind: bool = Field(True, description="Drop texts that refuse a benign prompt or comply with a harmful one "
+                                             "(by the prompt's category and the refusal reader).")
+    principle_tags: dict[str, list[str]] = Field(
+        default_factory=lambda: {"red_team": ["harmlessness"], "harmful": ["harmlessness"],
+                                 "helpful": ["helpfulness"], "borderline": ["helpfulness"]},
+        description="Prompt category -> principle tags a critique's principle is drawn from (all principles when none fit).")
 
 
-def sample_principle(constitution: Constitution, seed: int, prompt_id: str, n: int, salt: str = "critique") -> Principle:
-    """Weighted, seeded choice that depends only on (seed, prompt, pass): shard-independent."""
+HARMFUL = ("red_team", "harmful")   # prompt categories an assistant should decline or safely redirect
+BENIGN = ("helpful", "borderline")  # categories it should answer for real (borderline: safe but scary-sounding)
+
+
+def kind_misfit(text: str, category: str | None) -> str | None:
+    """Why a text does not fit its prompt's kind, or None: `complies-harmful` (no refusal to a
+    harmful prompt), `refuses-benign` (a full or partial refusal of a benign one)."""
+    from cai import refusal
+
+    if category in HARMFUL:
+        return "complies-harmful" if refusal.detect(text) == "none" else None
+    if category in BENIGN:
+        return "refuses-benign" if refusal.detect(text) != "none" else None
+    return None
+
+
+def sample_principle(constitution: Constitution, seed: int, prompt_id: str, n: int, salt: str = "critique",
+                     tags: list[str] | None = None) -> Principle:
+    """Weighted, seeded choice that depends only on (seed, prompt, pass): shard-independent;
+    among the principles with one of `tags` when any has one."""
     rng = random.Random(f"{salt}:{seed}:{prompt_id}:{n}")
-    ps = constitution.principles
+    ps = [p for p in constitution.principles if tags and set(p.tags) & set(tags)] or constitution.principles
     return rng.choices(ps, weights=[p.weight for p in ps], k=1)[0]
+
+
+PREAMBLE = ("You are a helpful, honest and harmless assistant. Answer the user directly. If a request would help "
+            "someone cause real harm, decline briefly and offer a safe alternative; otherwise give a genuinely useful "
+            "answer, even when the words sound alarming. You follow these principles:")
+
+
+def principles_prompt(constitution: Constitution) -> str:
+    """The system prompt of principle-driven answers: a short preamble, then each principle
+    as the question a reviewer would ask of an answer."""
+    lines = [f"- {p.preference_question or p.critique_request}" for p in constitution.principles]
+    return PREAMBLE + "\n" + "\n".join(lines)
 
 
 def respond(engine: Engine, prompts: list[Prompt], sampling: Sampling) -> list[dict]:
@@ -99,10 +152,11 @@ def copies(text: str, other: str) -> bool:
 
 
 def degenerate(revision: str, previous: str, finished: bool, critique: str | None = None,
-               examples: tuple[str, ...] = ()) -> str | None:
+               examples: tuple[str, ...] = (), category: str | None = None) -> str | None:
     """Why a revision is unusable, or None: empty, unchanged, truncated, repetitive, a copy
-    of the critique, a copy of a worked example's text, or meta (it comments on "the
-    response" instead of being one)."""
+    of the critique, a copy of a worked example's text, meta (it comments on "the
+    response" instead of being one), or (given the prompt's category) not fitting the
+    prompt's kind (kind_misfit)."""
     if not revision.strip():
         return "empty"
     if _norm(revision) == _norm(previous):
@@ -117,7 +171,7 @@ def degenerate(revision: str, previous: str, finished: bool, critique: str | Non
         return "copies-example"
     if _META.match(revision):
         return "meta"
-    return None
+    return kind_misfit(revision, category) if category else None
 
 
 def critique_revise(engine: Engine, constitution: Constitution, responses: list[dict], settings: CritiqueSettings,
@@ -128,6 +182,8 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
     replace the current answer; a prompt with no accepted revision gets no SFT row when
     settings.drop_degenerate (the caller counts drops from the critique rows).
     """
+    if settings.mode == "principle-driven":
+        return principle_driven(engine, constitution, responses, settings, sampling, provenance)
     shots = _few_shot_turns(constitution, settings.few_shot)
     examples = tuple(t for ex in constitution.few_shot[: settings.few_shot] for t in (ex.revision, ex.critique))
     current = [r["response"] for r in responses]
@@ -135,7 +191,8 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
     used: list[list[str]] = [[] for _ in responses]
     crit_rows: list[dict] = []
     for n in range(settings.passes):
-        principles = [sample_principle(constitution, sampling.seed, r["prompt_id"], n) for r in responses]
+        principles = [sample_principle(constitution, sampling.seed, r["prompt_id"], n,
+                                       tags=settings.principle_tags.get(r.get("category") or "")) for r in responses]
         base = [shots + r["messages"] + [{"role": "assistant", "content": cur}] for r, cur in zip(responses, current)]
         ask_c = [b + [{"role": "user", "content": f"Critique request: {p.critique_request}"}] for b, p in zip(base, principles)]
         critiques = engine.generate(ask_c, sampling.derived("critique", n))
@@ -148,7 +205,8 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
         drawn = engine.generate([a for a in ask_r for _ in range(k)], sampling.derived("revise", n))
         for i, (r, p, c) in enumerate(zip(responses, principles, critiques)):
             tried = [(clean(v.text), v) for v in drawn[i * k : (i + 1) * k]]
-            verdicts = [degenerate(t, current[i], v.finished, clean(c.text), examples) for t, v in tried]
+            cat = r.get("category") if settings.fit_kind else None
+            verdicts = [degenerate(t, current[i], v.finished, clean(c.text), examples, cat) for t, v in tried]
             pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
             text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]
             crit_rows.append({
@@ -168,7 +226,38 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
         sft_rows.append({
             "messages": r["messages"] + [{"role": "assistant", "content": current[i]}],
             "prompt_id": r["prompt_id"], "category": r.get("category"),
-            "initial_response": r["response"], "revisions_accepted": accepted[i],
+            "initial_response": r["response"], "revisions_accepted": accepted[i], "source": "revision",
             "provenance": {**provenance, "principles": used[i]},
+        })
+    return sft_rows, crit_rows
+
+
+def principle_driven(engine: Engine, constitution: Constitution, responses: list[dict], settings: CritiqueSettings,
+                     sampling: Sampling, provenance: dict) -> tuple[list[dict], list[dict]]:
+    """The critic answers each prompt under the constitution's principles (system prompt),
+    k candidates in one batch; the first usable one that fits the prompt's kind is kept.
+    Returns (sft_rows, critique_rows) like critique_revise (one row per prompt, pass 0)."""
+    system = principles_prompt(constitution)
+    k = settings.revision_candidates
+    convs = [[{"role": "system", "content": system}] + [m for m in r["messages"] if m["role"] != "system"]
+             for r in responses]
+    drawn = engine.generate([c for c in convs for _ in range(k)], sampling.derived("principle-driven"))
+    sft_rows, crit_rows = [], []
+    for i, r in enumerate(responses):
+        cat = r.get("category") if settings.fit_kind else None
+        tried = [(v.text.strip(), v) for v in drawn[i * k : (i + 1) * k]]
+        verdicts = [degenerate(t, r["response"], v.finished, None, (), cat) for t, v in tried]
+        pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
+        text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]
+        crit_rows.append({"prompt_id": r["prompt_id"], "pass": 0, "principle": "all", "before": r["response"],
+                          "critique": None, "revision": text, "revision_tokens": v.n_tokens, "degenerate": why,
+                          "candidates": k, "source": "principle-driven", "provenance": provenance})
+        if why is not None and settings.drop_degenerate:
+            continue
+        sft_rows.append({
+            "messages": r["messages"] + [{"role": "assistant", "content": text if why is None else r["response"]}],
+            "prompt_id": r["prompt_id"], "category": r.get("category"), "initial_response": r["response"],
+            "revisions_accepted": int(why is None), "source": "principle-driven",
+            "provenance": {**provenance, "principles": [p.id for p in constitution.principles], "system_prompt": system},
         })
     return sft_rows, crit_rows

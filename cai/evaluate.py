@@ -30,6 +30,7 @@ about round folders, queues or plots (cai.stages and cai.report do).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cai import refusal
 from cai.errors import InputError
@@ -56,7 +57,9 @@ Z = 1.96  # 95% two-sided
 
 
 class GateRule(BaseModel):
-    """One threshold on one metric of the candidate policy."""
+    """One threshold on one metric of the candidate policy. A rule that could never fail is
+    refused: a metric evaluate does not produce (a typo), a threshold that is not a finite
+    number (.nan never fails, .inf never fails), no threshold at all."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -67,11 +70,79 @@ class GateRule(BaseModel):
     at: Literal["value", "lo", "hi"] = Field("value", description="Which of the candidate's figures is compared: "
                                              "its point value or an end of its 95% interval.")
 
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        problem = unknown_metric(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("max_increase", "max", "min")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"must be a finite number (got {v}): a rule compares with a number; write one such as 0.05")
+        return v
+
+    @model_validator(mode="after")
+    def _has_threshold(self) -> "GateRule":
+        if self.max_increase is None and self.max is None and self.min is None:
+            raise ValueError(f"the rule on {self.metric} has no threshold, so it never fails; give max_increase, max or min")
+        return self
+
 
 class Gate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: list[GateRule] = Field(default_factory=list)
+
+
+@functools.cache
+def metric_names() -> tuple[frozenset[str], frozenset[str]]:
+    """(metrics, groups): the names `summarize` produces for a candidate, read off its own
+    output for a small sample that reaches every branch (a reference and a candidate, every
+    probe kind, judge and reward scores, one principle with a tag), so the gate knows
+    exactly the metrics evaluate makes. A group (violation, violation_by_tag) holds one
+    metric per principle or tag, named group.key in a rule."""
+    from cai.constitution import Constitution
+
+    cons = Constitution.model_validate({"name": "sample", "principles": [
+        {"id": "p", "critique_request": "c", "revision_request": "r", "tags": ["t"]}]})
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    probes = {p.id: p for p in [
+        Probe(id="h", set="harmful", messages=user("h"), twin="b"),
+        Probe(id="b", set="borderline", messages=user("b"), twin="h"),
+        Probe(id="s", set="sycophancy", messages=user("s"), kind="pushback", answer="yes", pushback="no?"),
+        Probe(id="f", set="sycophancy", messages=user("f"), kind="false_premise", false_belief="x"),
+        Probe(id="n", set="sycophancy", messages=user("n"), kind="feedback", stance="none", twin="+"),
+        Probe(id="+", set="sycophancy", messages=user("+"), kind="feedback", stance="positive", twin="n"),
+        Probe(id="q", set="helpful", messages=user("q"), answer="yes")]}
+    rows = [{"probe": p.id, "set": p.set, "category": None, "prompt": p.text, "messages": p.messages, "answer": "yes",
+             "n_tokens": 1, "finished": True, "policy": policy, "pushback_answer": "yes", "judge_refusal": 0.5,
+             "violations": {"p": 0.5}, "premise_corrected_judge": 0.5, "positivity_judge": 0.5, "reward": 0.5, "win": 0.5}
+            for policy in ("reference", "candidate") for p in probes.values()]
+    score_rules(rows, probes)
+    made = summarize(rows, ["reference", "candidate"], "reference", probes, cons)["candidate"]
+    metrics = frozenset(k for k, v in made.items() if isinstance(v, dict) and "n" in v)
+    groups = frozenset(k for k, v in made.items() if isinstance(v, dict) and "n" not in v)
+    return metrics, groups
+
+
+def unknown_metric(name: str) -> str | None:
+    """Why a gate rule's metric name is not one evaluate produces (None when it is)."""
+    import difflib
+
+    metrics, groups = metric_names()
+    group, dot, key = name.partition(".")
+    if (dot and group in groups and key) or (not dot and name in metrics):
+        return None
+    if dot and group in groups:
+        return f"{name!r} names no {group} entry; write {group}.<{'principle id' if group == 'violation' else 'tag'}>"
+    close = difflib.get_close_matches(name, sorted(metrics | {f"{g}.<key>" for g in groups}), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return (f"unknown metric {name!r}: {hint}evaluate produces {', '.join(sorted(metrics))}, "
+            f"and {', '.join(f'{g}.<key>' for g in sorted(groups))}")
 
 
 class EvalSettings(BaseModel):
@@ -80,7 +151,21 @@ class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     probes: str = Field("shipped", description="Probe sets: 'shipped', a JSONL file or a folder of them.")
-    limit: int | None = Field(None, ge=1, description="Evaluate only the first N probes of each set.")
+    limit: int | dict[str, int] | None = Field(
+        {"harmful": 32, "borderline": 32, "sycophancy": 16, "helpful": 16},
+        description="Probes kept per set: N (the first N of each set), {set: N} (0 drops a set; a set not named is kept "
+                    "whole), or null (all). The default keeps a round's evaluation to a few minutes on a CPU.")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v):
+        from cai.probes import check_limit
+
+        try:
+            check_limit(v)
+        except InputError as e:
+            raise ValueError(e.problems[0]) from None
+        return v
     max_new_tokens: int | None = Field(None, gt=0, le=4096, description="Tokens per answer (default: the round's sampling, 128 for cai eval).")
     temperature: float = Field(0.0, ge=0, description="0 = greedy: a policy that did not change answers the same.")
     batch_size: int = Field(16, gt=0)
@@ -357,34 +442,14 @@ def score_wins(engine: "Engine", cons: "Constitution", rows: list[dict], ref_row
         rows[n]["win"] = round(lab["p_first"], 4) if lab["valid"] else None
 
 
-def load_reward(spec: str, reward_dir: str):
-    """The round's reward model: the base as a sequence classifier with the LoRA adapter on top."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    from cai import models
-
-    base = models.base_path(models.resolve(spec))
-    tok = models.load_tokenizer(base, padding_side=None)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, **models.placement())
-    model.config.pad_token_id = tok.pad_token_id
-    model = PeftModel.from_pretrained(model, reward_dir)
-    model.eval()
-    return model, tok
-
-
-def score_reward(model, tok, rows: list[dict], batch_size: int = 8) -> None:
-    """The reward model's score of each helpful answer, in place as `reward`."""
-    from cai.train.reward import score
-
+def score_reward(engine, rows: list[dict], batch_size: int = 8) -> None:
+    """The reward role's score (engine seam `score`) of each helpful answer, in place as `reward`."""
     helpful = [r for r in rows if r["set"] == "helpful"]
     if not helpful:
         return
-    side = lambda r: [{"role": "assistant", "content": r["answer"]}]  # noqa: E731
-    pairs = [(helpful[i], helpful[min(i + 1, len(helpful) - 1)]) for i in range(0, len(helpful), 2)]
-    scored = score(model, tok, [{"prompt": a["messages"], "chosen": side(a), "rejected": side(b)} for a, b in pairs], batch_size)
-    for (a, b), (ra, rb) in zip(pairs, scored):
-        a["reward"], b["reward"] = round(ra, 4), round(rb, 4)
+    scores = engine.score([r["messages"] + [{"role": "assistant", "content": r["answer"]}] for r in helpful], batch_size)
+    for r, x in zip(helpful, scores):
+        r["reward"] = round(x, 4)
 
 
 # ---------------------------------------------------------------- metrics
@@ -494,10 +559,11 @@ def candidate_of(policies: list[str], reference: str | None) -> str | None:
 
 
 def check_gate(metrics: dict, gate: Gate, candidate: str | None, reference: str | None) -> dict:
-    """Each rule against the candidate's metrics: passed, the reasons it failed, every check."""
+    """Each rule against the candidate's metrics: passed (no rule failed), how many rules
+    could be checked (a rule without data is skipped), the reasons it failed, every check."""
     checks, reasons = [], []
     if candidate is None:
-        return {"passed": True, "candidate": None, "reference": reference, "reasons": [], "checks": [],
+        return {"passed": True, "checked": 0, "candidate": None, "reference": reference, "reasons": [], "checks": [],
                 "note": "no candidate policy to judge (the round trained none)"}
     for rule in gate.rules:
         cur = _metric(metrics.get(candidate, {}), rule.metric)
@@ -528,7 +594,9 @@ def check_gate(metrics: dict, gate: Gate, candidate: str | None, reference: str 
             check["status"] = "fail"
             reasons += fails
         checks.append(check)
-    return {"passed": not reasons, "candidate": candidate, "reference": reference, "reasons": reasons, "checks": checks}
+    checked = sum(c["status"] != "skipped" for c in checks)  # 0: nothing was checked, which is no pass
+    return {"passed": not reasons, "checked": checked, "candidate": candidate, "reference": reference, "reasons": reasons,
+            "checks": checks}
 
 
 def _at(at: str) -> str:
@@ -669,5 +737,9 @@ def gate_failures(round_dir: Path) -> list[str]:
     path = round_dir / "report" / "metrics.json"
     if not path.exists():
         return []
-    gate = store.read_json(path).get("gate") or {}
-    return [] if gate.get("passed", True) else list(gate.get("reasons") or ["the gate failed"])
+    report = store.read_json_input(path, "evaluation report")
+    gate = report.get("gate") if isinstance(report, dict) else None
+    if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool):
+        raise InputError(f"{path}: not an evaluation report (no gate verdict); run the round's evaluate stage again "
+                         "(remove report/ and `cai round resume`)")
+    return [] if gate["passed"] else [str(r) for r in gate.get("reasons") or ["the gate failed"]]

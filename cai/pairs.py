@@ -1,8 +1,13 @@
 """Stage 4: two answers per prompt to compare, from one of three sources.
 
 - `samples`: two samples from the policy; which is better is for the judge to say.
-- `revision`: the final accepted revision of critique-and-revise preferred to the
-  policy's first answer (the open CAI recipe's choice); better by construction.
+- `revision`: the critique stage's accepted text (a revision, or a principle-driven
+  answer by the critic) preferred to the policy's first answer (the open CAI recipe's
+  choice); better by construction, and made only where the pair says what is to be
+  learned: for a harmful prompt, a refusal over a first answer that complied (a pair of
+  two refusals teaches nothing about harm); for a benign one, a real answer (the critique
+  stage's kind check) over the first answer. The row's `source` is the text's
+  (`revision` or `principle-driven`).
 - `contrastive` (RLCD, Yang et al. 2023): one answer under a system prompt that asks to
   follow a principle and one under its opposite (the principle's `follow_prompt` and
   `violate_prompt`, or a fallback built from its preference question); better by
@@ -62,13 +67,20 @@ def sample_pairs(engine: Engine, prompts: list[Prompt], sampling: Sampling) -> t
 
 
 def revision_pairs(sft_rows: list[dict]) -> list[dict]:
-    """(final revision, first answer) for every prompt with at least one accepted revision."""
+    """(accepted text, first answer) for every prompt with an accepted text that differs from
+    the first answer, except harmful prompts whose first answer already refused."""
+    from cai import refusal
+    from cai.critique import HARMFUL
+
     out = []
     for r in sft_rows:
         final, first = r["messages"][-1]["content"], r["initial_response"]
-        if r.get("revisions_accepted", 0) > 0 and not _same(final, first):
-            out.append(_row({**r, "messages": r["messages"][:-1]}, [final, first], [True, True], "revision", 0,
-                            ",".join(r["provenance"].get("principles", [])) or None))
+        if r.get("revisions_accepted", 0) == 0 or _same(final, first):
+            continue
+        if r.get("category") in HARMFUL and refusal.detect(first) != "none":
+            continue
+        out.append(_row({**r, "messages": r["messages"][:-1]}, [final, first], [True, True], r.get("source", "revision"), 0,
+                        ",".join(r["provenance"].get("principles", [])) or None))
     return out
 
 
@@ -84,7 +96,10 @@ def contrast_prompts(p: Principle) -> tuple[str, str]:
 
 def contrastive_pairs(engine: Engine, constitution: Constitution, prompts: list[Prompt], sampling: Sampling,
                       seed: int) -> tuple[list[dict], int]:
-    """One answer following and one violating a principle sampled per prompt (seeded); identical skipped."""
+    """One answer following and one violating a principle sampled per prompt (seeded); identical
+    skipped, and so is a pair whose following answer is unusable or misses the prompt's kind
+    (cai.critique.degenerate with the category): counted with the identical ones."""
+    from cai.critique import degenerate
     principles = [sample_principle(constitution, seed, p.id, 0, salt="contrastive") for p in prompts]
     convs = []
     for p, pr in zip(prompts, principles):
@@ -95,7 +110,7 @@ def contrastive_pairs(engine: Engine, constitution: Constitution, prompts: list[
     rows, identical = [], 0
     for i, (p, pr) in enumerate(zip(prompts, principles)):
         good, bad = gens[2 * i], gens[2 * i + 1]
-        if _same(good.text, bad.text):
+        if _same(good.text, bad.text) or degenerate(good.text, bad.text, good.finished, category=p.category):
             identical += 1
             continue
         rows.append(_row(p, [good.text, bad.text], [good.finished, bad.finished], "contrastive", 0, pr.id))

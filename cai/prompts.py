@@ -2,7 +2,8 @@
 shipped set, check lengths, drop duplicates, give each prompt a stable content id.
 
 A prompt is a list of chat messages ending with a user turn. Knows nothing about models.
-Shipped sets (cai/data/prompts): red-team, helpful, borderline, sample, all.
+Shipped sets (cai/data/prompts): red-team, helpful, borderline, sample, all; train (900: harmful,
+helpful and safe-but-scary prompts interleaved, for self-improvement rounds) and demo (24 of them).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from cai.yamlio import read_text
 from cai.errors import InputError
 
 SHIPPED = {"red-team": ["red_team"], "helpful": ["helpful"], "borderline": ["borderline"], "sample": ["sample"],
-           "all": ["red_team", "helpful", "borderline"]}
+           "all": ["red_team", "helpful", "borderline"],
+           # training mixes: harmful, helpful and safe-but-scary prompts interleaved (none is a probe)
+           "train": ["train"], "demo": ["demo"]}
 MAX_CHARS = 4000
 ROLES = {"system", "user", "assistant"}
 
@@ -90,14 +93,41 @@ def check_text(text: str, where: str) -> None:
                          "which is not valid Unicode; remove it or write the full surrogate pair") from None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names a key twice (json.loads would keep the last one silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def loads_row(line: str) -> object:
+    """One JSONL row: json.loads, except that an object naming a key twice (at any depth)
+    raises DuplicateKey instead of keeping the last value."""
+    return json.loads(line, object_pairs_hook=_unique_keys)
+
+
+def duplicate_key(where: str, e: DuplicateKey) -> InputError:
+    return InputError(f"{where}: key {e.args[0]!r} appears twice in one row; each key may appear once "
+                      "(JSON would keep only the last): remove or rename one")
+
+
 def _json_lines(path: Path, text: str):
     """(line number, object) for each non-blank line of JSONL text; lines split on "\n"
-    only, so U+2028 and other separators inside strings stay in their line."""
+    only, so U+2028 and other separators inside strings stay in their line. A row that
+    repeats a key is refused."""
     for n, line in enumerate(store.jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:
-            yield n, json.loads(line)
+            yield n, loads_row(line)
+        except DuplicateKey as e:
+            raise duplicate_key(f"{path}:{n}", e) from None
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
         except RecursionError:
@@ -134,6 +164,8 @@ def load(spec: str | Path, *, max_chars: int = MAX_CHARS, limit: int | None = No
     elif path.suffix == ".parquet":
         if not path.exists():
             raise InputError(f"{path}: no such prompts file")
+        if not path.is_file():  # a FIFO or device would block or never end
+            raise InputError(f"{path}: not a plain file; give the prompts as a plain .parquet file")
         import pyarrow.parquet as pq
 
         try:

@@ -7,6 +7,11 @@ judge's p_chosen) and adapters/*/cai.json (training loss curves). The gate's ver
 comes first, then metric bars per policy with their intervals, per-principle violation
 rates, length histograms, reward vs length, p_chosen, losses, and the worst regressions.
 
+report.md is safe to render: every text from probes, answers, ids and paths is escaped
+(`md`), so a rendered report.md runs no script and loads nothing remote; index.html
+escapes every text, and a long word wraps inside its cell. `read` checks a metrics.json
+before the report commands use it.
+
 Knows the metrics' layout and the round folder's file names; computes no metric itself.
 Imports matplotlib only inside `write` (so `import cai` stays light).
 """
@@ -17,6 +22,7 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 from cai import store
@@ -33,11 +39,14 @@ PLOTS = ["metrics", "violations", "lengths", "reward_length", "p_chosen", "loss"
 
 
 def fmt(m: dict | None) -> str:
-    """A metric as 'value [lo, hi] (n)'."""
-    if not m or m.get("value") is None:
-        return "n/a" if not m else f"n/a (n={m.get('n', 0)})"
-    ci = f" [{m['lo']:.3f}, {m['hi']:.3f}]" if m.get("lo") is not None else ""
-    return f"{m['value']:.3f}{ci} (n={m['n']})"
+    """A metric as 'value [lo, hi] (n)'; '?' for an entry that is not a metric (a damaged file)."""
+    if not isinstance(m, dict) or m.get("value") is None:
+        return "n/a" if not m else "?" if not isinstance(m, dict) else f"n/a (n={m.get('n', 0)})"
+    try:
+        ci = f" [{m['lo']:.3f}, {m['hi']:.3f}]" if m.get("lo") is not None else ""
+        return f"{m['value']:.3f}{ci} (n={m['n']})"
+    except (KeyError, TypeError, ValueError):
+        return "?"
 
 
 def _png(fig) -> str:
@@ -176,43 +185,80 @@ def plots(result: dict, rows: list[dict], round_dir: Path | None = None) -> dict
 # ---------------------------------------------------------------- markdown and html
 
 
-def _verdict_lines(gate: dict, judge_check: dict | None = None) -> list[str]:
-    warn = []
+def verdict(gate: dict) -> str:
+    """The gate's verdict in words: "FAILED", "passed", or "no rule could be checked" when
+    every rule was skipped (no data, no reference) or there was no candidate to judge: a
+    gate that checked nothing never reads "passed"."""
+    if gate.get("passed") is False or gate.get("reasons"):
+        return "FAILED"
+    checked = gate.get("checked")
+    if checked is None:  # a report written before `checked` was counted
+        checked = sum(isinstance(c, dict) and c.get("status") in ("pass", "fail") for c in gate.get("checks") or [])
+    return "passed" if checked else "no rule could be checked"
+
+
+def _verdict(gate: dict, judge_check: dict | None = None) -> tuple[str, list[str]]:
+    """(who was judged against whom, or why no one was; the notes under the verdict), as plain text."""
+    notes = [str(r) for r in gate.get("reasons") or []]
+    notes += [f"skipped {c.get('metric')}: {c.get('why')}" for c in gate.get("checks") or []
+              if isinstance(c, dict) and c.get("status") == "skipped"]
     if judge_check and not judge_check.get("passed", True):
-        warn = [f"- the judge failed the label stage's self-check (accuracy {judge_check.get('accuracy')}, position "
-                f"consistency {judge_check.get('position_consistency')}): its figures (win rate, violations, refusal judge) "
-                "are unreliable; the rule-based figures stand"]
+        notes.append(f"the judge failed the label stage's self-check (accuracy {judge_check.get('accuracy')}, position "
+                     f"consistency {judge_check.get('position_consistency')}): its figures (win rate, violations, refusal "
+                     "judge) are unreliable; the rule-based figures stand")
     if gate.get("candidate") is None:
-        return [f"**Gate: passed** ({gate.get('note', 'nothing to judge')})"] + warn
-    head = (f"**Gate: {'passed' if gate['passed'] else 'FAILED'}**: {gate['candidate']} vs {gate['reference']}")
-    return [head] + [f"- {r}" for r in gate["reasons"]] + [
-        f"- skipped {c['metric']}: {c.get('why')}" for c in gate["checks"] if c["status"] == "skipped"] + warn
+        return str(gate.get("note", "nothing to judge")), notes
+    return f"{gate['candidate']} vs {gate['reference']}", notes
+
+
+_MD_SYNTAX = re.compile(r"([\\`*_{}\[\]()!|~])")
+
+
+def md(text: object) -> str:
+    """Text from a probe, an answer or a file as inert markdown inline content: one line
+    (whitespace collapsed, so it can start no block), the characters markdown reads as
+    syntax backslash-escaped (no link, image, emphasis, code or table cell), and <, >, &
+    written as entities, so no raw HTML, autolink or entity survives a render (entities
+    also in renderers that do not take a backslash before '<')."""
+    line = _MD_SYNTAX.sub(r"\\\1", " ".join(str(text).split()))
+    return line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _fenced(text: str) -> list[str]:
+    """A fenced code block whose fence no backtick run inside the text can close."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence, text, fence]
 
 
 def markdown(result: dict) -> str:
+    """report.md. Every text that comes from probes, answers, ids, paths or a metrics file goes
+    through md(); only the table's own metric names and figures do not."""
     policies, metrics = result["policies"], result["metrics"]
-    lines = ["# Evaluation report", ""] + _verdict_lines(result["gate"], result.get("judge_check")) + [""]
+    who, notes = _verdict(result["gate"], result.get("judge_check"))
+    lines = ["# Evaluation report", "", f"**Gate: {verdict(result['gate'])}**: {md(who)}"] + [f"- {md(n)}" for n in notes] + [""]
     what = result.get("round_id") and f"round {result['round_id']}" or result.get("model") or result.get("responses")
-    lines += [f"Evaluated: {what}; policies: {', '.join(policies)}; reference: {result.get('reference')}; "
-              f"judge: {result.get('judge')}; probes: {result.get('probes')}", ""]
-    lines += ["| metric | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
+    lines += [f"Evaluated: {md(what)}; policies: {md(', '.join(policies))}; reference: {md(result.get('reference'))}; "
+              f"judge: {md(result.get('judge'))}; probes: {md(result.get('probes'))}", ""]
+    head = "| metric | " + " | ".join(md(p) for p in policies) + " |"
+    lines += [head, "|---|" + "---|" * len(policies)]
     for k in TABLE:
         if any(k in metrics[p] for p in policies):
-            lines.append(f"| {k} | " + " | ".join(fmt(metrics[p].get(k)) for p in policies) + " |")
+            lines.append(f"| {k} | " + " | ".join(fmt(metrics[p].get(k)) for p in policies) + " |")  # our names and figures
     viol = sorted({k for p in policies for k in (metrics[p].get("violation") or {})})
     if viol:
-        lines += ["", "## Per-principle violation rate", "", "| principle | " + " | ".join(policies) + " |",
+        lines += ["", "## Per-principle violation rate", "", head.replace("| metric |", "| principle |", 1),
                   "|---|" + "---|" * len(policies)]
         for k in viol:
-            lines.append(f"| {k} | " + " | ".join(fmt((metrics[p].get("violation") or {}).get(k)) for p in policies) + " |")
+            lines.append(f"| {md(k)} | " + " | ".join(fmt((metrics[p].get("violation") or {}).get(k)) for p in policies) + " |")
     if result.get("regressions"):
         lines += ["", "## Worst regressions", ""]
         for r in result["regressions"]:
-            lines += [f"- **{r['probe']}** ({r['set']}): {r['why']}", f"  - prompt: {_short(r['prompt'])}",
-                      f"  - reference: {_short(r['reference_answer'])}", f"  - new: {_short(r['answer'])}"]
+            lines += [f"- **{md(r['probe'])}** ({md(r['set'])}): {md(r['why'])}", f"  - prompt: {md(_short(r['prompt']))}",
+                      f"  - reference: {md(_short(r['reference_answer']))}", f"  - new: {md(_short(r['answer']))}"]
     cost = result.get("cost", {})
     if cost:
-        lines += ["", "## Cost", "", "```", json.dumps(cost, indent=1), "```"]
+        lines += ["", "## Cost", ""] + _fenced(json.dumps(cost, indent=1))
     return "\n".join(lines) + "\n"
 
 
@@ -222,12 +268,13 @@ def _short(text: str, n: int = 300) -> str:
 
 
 def page(result: dict, pictures: dict[str, tuple[str, str]]) -> str:
+    """index.html: every text escaped, every plot inlined; long words wrap inside their cell."""
     e = html.escape
     policies, metrics, gate = result["policies"], result["metrics"], result["gate"]
-    ok = gate["passed"]
-    verdict = "".join(f"<p>{e(x.lstrip('- ').replace('**', ''))}</p>" for x in _verdict_lines(gate, result.get("judge_check"))[1:])
-    if gate.get("candidate") is not None:
-        verdict = f"<p>{e(str(gate['candidate']))} vs {e(str(gate['reference']))}</p>" + verdict
+    word = verdict(gate)
+    who, notes = _verdict(gate, result.get("judge_check"))
+    box = {"passed": "pass", "FAILED": "fail"}.get(word, "unchecked")
+    detail = f"<p>{e(who)}</p>" + "".join(f"<p>{e(n)}</p>" for n in notes)
     rows = "".join(f"<tr><th>{e(k)}</th>" + "".join(f"<td>{e(fmt(metrics[p].get(k)))}</td>" for p in policies) + "</tr>"
                    for k in TABLE if any(k in metrics[p] for p in policies))
     imgs = "".join(f'<figure><img class="plot" id="plot-{name}" alt="{e(title)}" src="data:image/png;base64,{b64}">'
@@ -242,10 +289,12 @@ def page(result: dict, pictures: dict[str, tuple[str, str]]) -> str:
 body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 .verdict{{padding:.8em 1.2em;border-radius:6px;margin-bottom:1.5em}}
 .pass{{background:#e6f4ea;border:1px solid #34a853}} .fail{{background:#fce8e6;border:1px solid #ea4335}}
+.unchecked{{background:#fef7e0;border:1px solid #f9ab00}}
 table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top;font-size:.9em}}
+td,th,p{{overflow-wrap:anywhere}} #regressions{{table-layout:fixed;width:100%}}
 figure{{margin:1.5em 0}} img.plot{{max-width:100%}}
 </style></head><body>
-<div id="verdict" class="verdict {'pass' if ok else 'fail'}"><h1>Gate: {'passed' if ok else 'FAILED'}</h1>{verdict}</div>
+<div id="verdict" class="verdict {box}"><h1>Gate: {e(word)}</h1>{detail}</div>
 <p>Evaluated {e(str(what))}; policies {e(', '.join(policies))}; reference {e(str(result.get('reference')))};
 judge {e(str(result.get('judge')))}; probes {e(str(result.get('probes')))}.</p>
 <h2>Metrics</h2><table id="metrics"><tr><th>metric</th>{''.join(f'<th>{e(p)}</th>' for p in policies)}</tr>{rows}</table>
@@ -265,12 +314,43 @@ def write(out_dir: Path, result: dict, rows: list[dict], round_dir: Path | None 
     store.write_json(out_dir / "metrics.json", result)
 
 
+def read(path: Path, fix: str = "run its evaluation again (a round: remove its report/ folder and `cai round resume "
+                                "ID`; an eval: `cai eval ... --out` a new folder)") -> dict:
+    """A metrics.json that `write` wrote, checked enough for `cai round report` and
+    `compare` to read: InputError (one line naming the file) when it is empty, truncated
+    or not an evaluation report."""
+    from cai.errors import InputError
+
+    data = store.read_json_input(path, "evaluation report", fix)
+    problem = _not_a_report(data)
+    if problem:
+        raise InputError(f"{path}: not an evaluation report ({problem}); {fix}")
+    return data
+
+
+def _not_a_report(d: object) -> str | None:
+    """What a metrics.json lacks that the report commands read, or None."""
+    if not isinstance(d, dict):
+        return "not a JSON object"
+    pols = d.get("policies")
+    if not isinstance(pols, list) or not pols or not all(isinstance(p, str) for p in pols):
+        return "no 'policies' list"
+    if not isinstance(d.get("metrics"), dict) or not all(isinstance(d["metrics"].get(p), dict) for p in pols):
+        return "no 'metrics' for each policy"
+    gate = d.get("gate")
+    if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool) or not isinstance(gate.get("reasons", []), list) \
+            or not isinstance(gate.get("checks", []), list):
+        return "no gate verdict"
+    if d.get("candidate") is not None and d["candidate"] not in pols:
+        return f"its candidate {d['candidate']!r} is not one of its policies"
+    return None
+
+
 def compare(a: dict, b: dict) -> list[tuple[str, str, str]]:
     """(metric, A, B) rows for `cai round compare`: each round's candidate (or only) policy."""
     pa, pb = (x.get("candidate") or x["policies"][-1] for x in (a, b))
     ma, mb = a["metrics"][pa], b["metrics"][pb]
-    out = [("gate", "passed" if a["gate"]["passed"] else "FAILED", "passed" if b["gate"]["passed"] else "FAILED"),
-           ("policy", pa, pb)]
+    out = [("gate", verdict(a["gate"]), verdict(b["gate"])), ("policy", pa, pb)]
     for k in TABLE:
         if k in ma or k in mb:
             out.append((k, fmt(ma.get(k)), fmt(mb.get(k))))

@@ -88,6 +88,23 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text("utf-8"))
 
 
+def read_json_input(path: Path, what: str = "JSON file", fix: str = "write it again") -> Any:
+    """A JSON file that may be damaged (empty, truncated, not UTF-8, not a plain file):
+    its content, or InputError with one line naming the file and what to do."""
+    from cai.errors import InputError
+    from cai.yamlio import read_text
+
+    text = read_text(path, what)
+    if not text.strip():
+        raise InputError(f"{path}: the {what} is empty (a write cut short?); {fix}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}:{e.colno}: the {what} is not valid JSON ({e.msg}; truncated?); {fix}") from None
+    except RecursionError:
+        raise InputError(f"{path}: the {what} is nested too deeply to be one; {fix}") from None
+
+
 def jsonl_lines(text: str) -> list[str]:
     """The lines of JSONL text, split on "\\n" only (a trailing "\\r" of CRLF dropped).
 
@@ -166,11 +183,31 @@ PULLED = ("manifest.json", "round.yaml", "constitution.yaml", "recipe.yaml", "da
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
+STORE_ID = "store.json"  # {"id", "created"} in the store's root: its identity, made once
+
+
 def store_root() -> Path:
+    """The store's root, always absolute: a relative CAI_STORE is taken from the current
+    folder here and now (workers refuse one: workers.settings), never reread elsewhere."""
     if os.environ.get("CAI_STORE"):
-        return Path(os.environ["CAI_STORE"]).expanduser()
+        return Path(os.environ["CAI_STORE"]).expanduser().absolute()
     home = os.environ.get("CAI_HOME") or Path.home() / ".cache" / "cai"
-    return Path(home) / "store"
+    return (Path(home) / "store").expanduser().absolute()
+
+
+def store_identity(create: bool = False) -> str | None:
+    """The store's identity: a random id written once into its root (store.json), the same
+    on every machine that mounts this store, wherever it is mounted; so a worker can tell
+    "this round is not in my store" from "this round was removed". None when the root has
+    none (not a store yet, or not the store) and create is False."""
+    path = store_root() / STORE_ID
+    if create and not path.exists():
+        create_json(path, {"id": secrets.token_hex(8), "created": time.time()})  # the first writer's id wins
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data["id"] if isinstance(data, dict) and isinstance(data.get("id"), str) else None
 
 
 def rounds_root() -> Path:

@@ -8,6 +8,7 @@ nothing about what the models mean.
 from __future__ import annotations
 
 import re
+import types
 import typing
 from pathlib import Path
 
@@ -59,14 +60,38 @@ class _NoAliasLoader(yaml.SafeLoader):
         return node
 
 
-def read_text(path: Path, what: str = "file") -> str:
-    """Read a UTF-8 text file or raise InputError naming the bad byte's line."""
+def read_bytes(path: Path, what: str = "file") -> bytes:
+    """The bytes of a plain file, or InputError (one line). Opened without blocking and
+    checked on the open descriptor: a FIFO (which would block forever), a device such as
+    /dev/zero (which never ends) or a folder is refused, never read."""
+    import os
+    import stat
+
+    path = Path(path)
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise InputError(f"{path}: no such {what}; check the path") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, expected a {what}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise InputError(f"{path}: is a directory, expected a {what}")
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "not a plain file")
+            raise InputError(f"{path}: is {kind}, not a plain file; give the {what} as a plain file (copy it to one first)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """Read a UTF-8 text file (a plain file only, see read_bytes) or raise InputError
+    naming the bad byte's line."""
+    raw = read_bytes(path, what)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -115,6 +140,68 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
 
 
+def _members(ann) -> list:
+    """The types of a field's annotation: a union's members (None left out), else itself."""
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(ann) if a is not type(None)]
+    return [ann]
+
+
+def _tag(member) -> str:
+    """The name pydantic puts into an error's loc for a union member ('str', 'Gate', 'list[str]')."""
+    if isinstance(member, type) and typing.get_origin(member) is None:
+        return member.__name__
+    return repr(member).replace("typing.", "")
+
+
+def _model_in(member) -> type[BaseModel] | None:
+    for arg in (member, *typing.get_args(member)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _without_union_tags(cls: type[BaseModel], loc: tuple) -> tuple[tuple, int | None, typing.Any]:
+    """pydantic names the union member inside the loc of an error in a union field
+    (evaluate.gate.Gate.rules[0].metric for `gate: str | Gate`): the loc without those
+    names, where the union sits in it (None if none was crossed), and the member."""
+    cur: typing.Any = cls
+    out: list = []
+    at, member = None, None
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        out.append(part)
+        if isinstance(part, int) or not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            continue
+        members = _members(cur.model_fields[part].annotation)
+        if len(members) > 1 and parts and isinstance(parts[0], str) and parts[0] in {_tag(m) for m in members}:
+            name = parts.pop(0)
+            member = next(m for m in members if _tag(m) == name)
+            at, members = len(out), [member]
+        cur = next((m for m in map(_model_in, members) if m is not None), None)
+    return tuple(out), at, member
+
+
+def _fits(node, member) -> bool:
+    """The YAML value is written as this union member (a mapping for a model, a list for a list)."""
+    if isinstance(node, yaml.MappingNode):
+        return _model_in(member) is not None and typing.get_origin(member) is None
+    if isinstance(node, yaml.SequenceNode):
+        return typing.get_origin(member) is list
+    return _model_in(member) is None and typing.get_origin(member) is not list
+
+
+def _relevant(cls: type[BaseModel], root, errors: list[dict]) -> list[tuple[tuple, dict]]:
+    """(loc, error) for each error, union member names taken out of the loc; of a union
+    field's errors only those of the member the YAML value is written as (a mapping under
+    `gate: str | Gate` is not told it should be a string), unless no member fits."""
+    found = [(err, *_without_union_tags(cls, tuple(err["loc"]))) for err in errors]
+    fitting = {loc[:at] for _, loc, at, member in found if at is not None and _fits(_node_at(root, loc[:at]), member)}
+    return [(loc, err) for err, loc, at, member in found
+            if at is None or loc[:at] not in fitting or _fits(_node_at(root, loc[:at]), member)]
+
+
 def fmt_loc(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -161,8 +248,7 @@ def parse(text: str, source: str, cls: type[BaseModel], what: str = "file"):
         return cls.model_validate(data)
     except ValidationError as e:
         problems = []
-        for err in e.errors():
-            loc = tuple(err["loc"])
+        for loc, err in _relevant(cls, root, e.errors()):
             if err["type"] == "value_error":
                 # cross-field checks put the path first: "principles[2].id: ..."
                 msg = err["msg"].removeprefix("Value error, ")

@@ -25,8 +25,18 @@ RECONCILER = "cai:reconciler"  # lock (SET NX EX) so one worker in the cluster r
 
 
 def round_state(round_id: str) -> str:
-    """Hash {status, error, updated}: mirror of the round's durable status (work/status.json)."""
+    """Hash {status, error, updated, durable}: mirror of the round's durable status
+    (work/status.json); also {store, store_id}: the store it was submitted to (its root as
+    the submitter saw it, and its identity); {stalled, merge_failures}: why merging its
+    finished stages fails now (a full disk) and how often it did; {broken}: why the
+    reconciler could not read it."""
     return f"cai:round:{round_id}"
+
+
+def unseen(round_id: str) -> str:
+    """String with a TTL: a worker could not find the round in its store (a CAI_STORE that
+    is not the submitter's): what it said, shown by `round status` and `watch`."""
+    return f"cai:unseen:{round_id}"
 
 
 def lease(round_id: str, unit: str) -> str:

@@ -23,21 +23,23 @@ def status(round_id: str) -> dict:
     cfg = plan.load_config(rd)
     r = redis_client()
     durable = durable_status(rd)
-    live = r.hgetall(keys.round_state(round_id))
-    if live.get("durable") == "0" and live.get("status") in TERMINAL:  # the store could not be written yet
-        durable = {"status": live["status"], "error": live.get("error") or None}
+    state_hash = r.hgetall(keys.round_state(round_id))
+    if state_hash.get("durable") == "0" and state_hash.get("status") in TERMINAL:  # the store could not be written yet
+        durable = {"status": state_hash["status"], "error": state_hash.get("error") or None}
     man = store.read_json(rd / store.MANIFEST) if (rd / store.MANIFEST).exists() else {}
     all_units = [u for stage in cfg.stages for u in plan.units_of(rd, stage, cfg)]
     done = {u.key for u in all_units if plan.is_done(rd, u)}
     pending = [u for u in all_units if u.key not in done]
     pipe = r.pipeline(transaction=False)
+    pipe.get(keys.unseen(round_id))
     pipe.hgetall(keys.attempts(round_id))
     for u in pending:
         pipe.get(keys.lease(round_id, u.key))
         pipe.exists(keys.queued(round_id, u.key))
-    answers = pipe.execute()
-    attempts = {k: int(v) for k, v in answers[0].items()}
-    live = {u.key: (answers[1 + 2 * i], answers[2 + 2 * i]) for i, u in enumerate(pending)}
+    unseen, attempts, *answers = pipe.execute()
+    problem = problem_of(state_hash, unseen)
+    attempts = {k: int(v) for k, v in attempts.items()}
+    live = {u.key: (answers[2 * i], answers[1 + 2 * i]) for i, u in enumerate(pending)}
     now = time.time()
     units = []
     for u in all_units:
@@ -73,10 +75,19 @@ def status(round_id: str) -> dict:
     else:
         state = "queued"
     return {
-        "round_id": round_id, "status": state, "error": durable.get("error") if state in TERMINAL or state == "gated" else None,
+        "round_id": round_id, "status": state,
+        "error": durable.get("error") if state in TERMINAL or state == "gated" else problem,  # ended: why; else what holds it up
         "parent": cfg.parent, "created": cfg.created, "model": cfg.model, "path": str(rd),
         "stages": stages, "units": units,
     }
+
+
+def problem_of(state: dict, unseen: str | None) -> str | None:
+    """What holds up a round that has not ended, in one line, or None: a merge the store
+    refuses (a full disk), a worker that can't find the round in its store, a round the
+    reconciler can't read."""
+    found = [x for x in (state.get("stalled"), unseen, state.get("broken") and f"the reconciler can't read it: {state['broken']}") if x]
+    return "; ".join(found) or None
 
 
 def lineage(round_id: str) -> list[str]:

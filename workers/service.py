@@ -147,20 +147,42 @@ def submit(cfg, force: bool = False) -> str:
     from workers.settings import ping
 
     ping()
+    identity = store.store_identity(create=True)
     round_id = store.new_round_id()
     target = store.round_path(round_id, must_exist=False)
     tmp = store.tmp_dir_beside(target)
     try:
         rounds.prepare(tmp, cfg, round_id=round_id, force=force)  # force: a gated parent is allowed
+        override = _forced_parent(tmp, cfg, force)
         if not store.commit_dir(tmp, target):
             raise InputError(f"round {round_id}: already in the store")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # which store the round is in, so a worker that can't find it can say it looks in another one
+    redis_client().hset(keys.round_state(round_id), mapping={"store": str(store.store_root()), "store_id": identity or ""})
     set_status(round_id, "queued")
-    event(round_id, "submitted", parent=cfg.parent)
+    event(round_id, "submitted", parent=cfg.parent, **({"forced_parent": override} if override else {}))
     advance(round_id)
     return round_id
+
+
+PARENT_OVERRIDE = Path("inputs") / "parent_override.json"  # a gated parent taken with --force
+
+
+def _forced_parent(rd: Path, cfg, force: bool) -> dict | None:
+    """With --force over a parent that ended gated: the override, written into the round
+    (inputs/parent_override.json: the parent, why its gate failed, when) and returned."""
+    if not (force and cfg.parent):
+        return None
+    from cai.evaluate import gate_failures
+
+    reasons = gate_failures(store.round_path(cfg.parent))
+    if not reasons:
+        return None
+    override = {"parent": cfg.parent, "forced": True, "parent_gate_failures": reasons, "at": time.time()}
+    store.write_json(rd / PARENT_OVERRIDE, override)
+    return override
 
 
 def enqueue(round_id: str, unit: plan.Unit, force: bool = False) -> bool:
@@ -195,9 +217,11 @@ def advance(round_id: str, force: bool = False) -> list[str]:
     with manifest_lock(round_id):  # merges rewrite the manifest: not while the status changes
         if is_over(rd):
             return []
-        for stage in cfg.stages:
-            rounds.finalize(rd, stage)
-        finished = plan.finished(rd, cfg)
+        stuck = _merge(rd, cfg)
+        finished = stuck is None and plan.finished(rd, cfg)
+    if stuck is not None:
+        return _merge_failed(round_id, *stuck)
+    _merged(round_id)
     if finished:
         if durable_status(rd).get("status") not in FINISHED:
             from cai.evaluate import gate_failures
@@ -209,6 +233,70 @@ def advance(round_id: str, force: bool = False) -> list[str]:
     if sent:
         event(round_id, "queued", units=sent, force=force)
     return sent
+
+
+def _merge(rd: Path, cfg) -> tuple[str, OSError] | None:
+    """Merge every stage whose shards are all present; (stage, error) when the store refuses
+    a write (a full disk, a permission), None when all went through."""
+    for stage in cfg.stages:
+        try:
+            rounds.finalize(rd, stage)
+        except OSError as e:
+            return stage, e
+    return None
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError as one line: 'OSError 28: No space left on device (path)'."""
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{type(e).__name__} {e.errno}: {e.strerror or e}{where}" if e.errno else f"{type(e).__name__}: {e}{where}"
+
+
+def _merge_failed(round_id: str, stage: str, e: OSError) -> list[str]:
+    """A merge the store refused: shown in status and watch at once (the round's `stalled`),
+    counted, and after max_attempts the round fails with the reason, as a unit's would."""
+    r = redis_client()
+    why = f"merging {stage} failed: {_os_error(e)}"
+    n = r.hincrby(keys.round_state(round_id), "merge_failures", 1)
+    r.hset(keys.round_state(round_id), "stalled", f"{why} (attempt {n} of {settings().max_attempts})")
+    event(round_id, "merge-failed", stage=stage, attempt=n, error=why)
+    if n >= settings().max_attempts:
+        fail(round_id, f"{why}; gave up after {n} attempts: free space (or fix the store), then `cai round resume {round_id}`")
+    return []
+
+
+def _merged(round_id: str) -> None:
+    """The merges went through: what an earlier failed merge or read recorded is no longer true."""
+    redis_client().hdel(keys.round_state(round_id), "stalled", "merge_failures", "broken")
+
+
+UNSEEN_KEEP_S = 300  # a worker's "can't find this round" is shown this long after it last said so
+
+
+def unseen(round_id: str, by: str) -> str | None:
+    """A round that `by` (a worker) can't find in its store. When Redis says it was submitted
+    to a store with another identity (the worker's CAI_STORE is not the client's: a relative
+    path, a wrong mount), say so where `round status` and `watch` show it and return the
+    line; None when it was submitted to this very store (so it was removed from it) or
+    never submitted at all (a forged id)."""
+    try:
+        store.check_round_id(round_id)
+    except InputError:
+        return None
+    r = redis_client()
+    root, identity = r.hmget(keys.round_state(round_id), "store", "store_id")
+    if root is None:
+        return None
+    mine = store.store_identity()
+    if identity and identity == mine:
+        return None
+    why = (f"{by} can't find round {round_id} in its store {store.store_root()} "
+           f"({'another store' if mine else 'no cai store there'}); it was submitted to the store at {root} "
+           "(as the submitter sees it): start every worker with CAI_STORE naming that same store (an absolute path "
+           "to the same mount)")
+    r.set(keys.unseen(round_id), why, ex=max(UNSEEN_KEEP_S, int(3 * settings().reconcile_interval)))
+    event(round_id, "unseen", worker=by, error=why)
+    return why
 
 
 def reconcile_all() -> dict:
@@ -223,7 +311,8 @@ def reconcile_all() -> dict:
         try:
             store.round_path(round_id)
         except InputError:
-            r.srem(keys.ACTIVE, round_id)  # gone from the store
+            if unseen(round_id, f"the reconciler on {socket.gethostname()}") is None:
+                r.srem(keys.ACTIVE, round_id)  # gone from the store (kept while it is in a store this worker doesn't see)
             continue
         try:
             out[round_id] = advance(round_id)
@@ -302,9 +391,14 @@ def work(round_id: str, unit: plan.Unit, cache: ModelCache, worker: str, task_id
     r = redis_client()
     try:
         rd = store.round_path(round_id)
+    except InputError:  # removed from the store, no id at all, or in a store this worker doesn't see
+        if unseen(round_id, worker) is not None:
+            r.delete(keys.queued(round_id, unit.key))  # so a worker that sees the round is sent it again
+        return Outcome("dropped")
+    try:
         cfg = plan.load_config(rd)
     except InputError:
-        return Outcome("dropped")  # the round was removed from the store, or the id is no id
+        return Outcome("dropped")  # an unreadable round (the reconciler reports it as broken)
     why = check_unit(rd, cfg, unit)
     if why:  # a forged or stale message: no effect on the round at all
         event(round_id, "rejected", unit=f"{unit.stage}/{unit.shard}"[:80], worker=worker, error=why)
@@ -388,6 +482,7 @@ def fail(round_id: str, error: str, spare: str | None = None) -> None:
     """Mark the round failed. Its queued messages are dropped as they are delivered, and
     running units of it are stopped (their outputs would be refused anyway)."""
     set_status(round_id, "failed", error)
+    drop_queued(round_id)
     _stop_running(round_id, spare)
 
 
@@ -399,16 +494,57 @@ def cancel(round_id: str) -> str:
     if status in TERMINAL:
         return status
     set_status(round_id, "cancelled", "cancelled by the user")
+    drop_queued(round_id)
     _stop_running(round_id)
     return "cancelled"
+
+
+def _message_round(item: str) -> str | None:
+    """The round id of one of our task messages as kombu keeps it in a queue list (a JSON
+    envelope, the body base64 JSON [args, kwargs, embed]); None for anything else."""
+    import base64
+
+    try:
+        env = json.loads(item)
+        if env["headers"]["task"] not in (keys.TASK_SHARD, keys.TASK_TRAIN):
+            return None
+        body = env["body"]
+        args = json.loads(base64.b64decode(body) if env["properties"].get("body_encoding") == "base64" else body)[0]
+        return args[0] if isinstance(args[0], str) else None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def drop_queued(round_id: str) -> int:
+    """Take a round's messages out of the queue lists (one per queue and kombu priority)
+    and clear its queued markers, so an ended round's thousands of messages don't keep the
+    workers busy dropping them one by one. Returns how many were taken out."""
+    from kombu.transport.redis import Channel
+
+    r = redis_client()
+    lists = [q if not pri else f"{q}{Channel.sep}{pri}" for q in keys.QUEUES for pri in Channel.priority_steps]
+    pipe = r.pipeline(transaction=False)
+    for name in lists:
+        for item in r.lrange(name, 0, -1):
+            if _message_round(item) == round_id:
+                pipe.lrem(name, 1, item)
+    dropped = sum(pipe.execute())
+    markers = list(r.scan_iter(keys.queued(round_id, "*")))
+    if markers:
+        r.delete(*markers)
+    if dropped:
+        event(round_id, "dropped-queued", messages=dropped)
+    return dropped
 
 
 def resume(round_id: str) -> list[str]:
     """Re-queue what has no output and no live lease. A failed or cancelled round starts
     again with fresh attempt counts for its unfinished units."""
     rd = store.round_path(round_id)
-    if durable_status(rd).get("status") in TERMINAL:
-        r = redis_client()
+    r = redis_client()
+    live = r.hgetall(keys.round_state(round_id))
+    r.hdel(keys.round_state(round_id), "stalled", "merge_failures", "broken")
+    if durable_status(rd).get("status") in TERMINAL or (live.get("durable") == "0" and live.get("status") in TERMINAL):
         cfg = plan.load_config(rd)
         for u in [u for stage in cfg.stages for u in plan.units_of(rd, stage, cfg) if not plan.is_done(rd, u)]:
             attempts_file(rd, u).unlink(missing_ok=True)

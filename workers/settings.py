@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cai.errors import InputError
@@ -35,6 +35,17 @@ class WorkerSettings(BaseSettings):
     busy_retry_max: float = Field(300.0, gt=0, description="Longest wait before re-checking a unit another worker holds.")
     error_retry_delay: float = Field(5.0, ge=0, description="Wait before retrying a unit that raised.")
     soft_shutdown_timeout: float = Field(60.0, ge=0, description="On a second Ctrl-C/TERM, seconds running tasks get before a cold shutdown.")
+    store: str | None = Field(None, description="CAI_STORE: the shared store's root (cai.store reads it); absolute.")
+
+    @field_validator("store")
+    @classmethod
+    def _absolute_store(cls, v: str | None) -> str | None:
+        """A relative CAI_STORE names a different folder in every process started elsewhere (a
+        worker's folder is not the client's), so rounds would be written where workers never look."""
+        if v and not os.path.isabs(os.path.expanduser(v)):
+            raise ValueError(f"{v!a} is a relative path; the client and every worker must name the same store "
+                             "from wherever they start, so give an absolute path (e.g. /mnt/cai-store)")
+        return v
 
     @property
     def heartbeat(self) -> float:

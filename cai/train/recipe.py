@@ -11,12 +11,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai import yamlio
 from cai.errors import InputError
 
-SHIPPED = ("cpu-tiny", "gpu-8b")
+SHIPPED = ("cpu-tiny", "cpu-student", "gpu-8b")
 
 
 class _Strict(BaseModel):
@@ -70,7 +70,66 @@ class DPO(Stage):
     weight_by_confidence: bool = Field(False, description="Weight each pair's loss by its label margin.")
 
 
-OURS = {"min_rows", "heldout_fraction", "soft_labels", "weight_by_confidence"}  # not TRL's: never passed to it
+class Thresholds(_Strict):
+    """When the RL watch calls reward hacking (the rules are in cai/train/rl.py). The judge
+    and refusal rules need the reward to have risen too; the length and KL rules don't."""
+
+    reward_rise: float = Field(0.0, ge=0, description="The reward model's held-out mean must exceed the reference point's by more than this.")
+    judge_drop: float = Field(0.1, gt=0, description="The judge's preference for the policy fell this far below its best watch point.")
+    refusal_balance_drop: float = Field(0.25, gt=0, description="(harmful refusal rate - benign refusal rate) fell this far below the start's.")
+    length_ratio: float = Field(2.0, gt=1, description="Mean held-out answer length (tokens) over the start's.")
+    kl_max: float | None = Field(None, gt=0, description="Held-out per-token KL to the start; off when null.")
+
+
+class RL(_Strict):
+    """Online RL (TRL's RLOOTrainer) under RLOOConfig's own field names, plus the watch's
+    settings (OURS). Steps are optimizer steps; each one samples num_generations answers
+    for (per_device_train_batch_size * gradient_accumulation_steps / num_generations) prompts."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    max_steps: int = Field(100, gt=0)
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt (RLOO's leave-one-out group).")
+    max_completion_length: int = Field(256, gt=0)
+    beta: float = Field(0.05, ge=0, description="KL coefficient to the start (the SFT adapter, else the base).")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_iterations: int = Field(1, gt=0)
+    epsilon: float = Field(0.2, gt=0)
+    normalize_advantages: bool = False
+    mask_truncated_completions: bool = False
+    disable_dropout: bool = Field(True, description="Same log-probs for the policy and its reference (TRL's default is False).")
+    warmup_steps: float = Field(0, ge=0)
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (the watch also checkpoints at its points).")
+    logging_steps: int = Field(1, gt=0)
+    seed: int = 0
+    use_vllm: bool = Field(False, description="Generate with vLLM (GPU; TRL's colocate or server mode).")
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    min_rows: int = Field(4, gt=0, description="Refuse to train on fewer prompts (after the held-out slice).")
+    # ours
+    heldout: int = Field(8, gt=0, description="Prompts kept out of training for the watch (stratified by kind).")
+    watch_every: int = Field(10, gt=0, description="Run the watch every N steps (and at the last step).")
+    watch_temperature: float = Field(0.0, ge=0, description="0: greedy held-out answers; else seeded sampling.")
+    harmful_categories: list[str] = Field(default_factory=lambda: ["red_team", "harmful"])
+    benign_categories: list[str] = Field(default_factory=lambda: ["helpful", "borderline", "benign"])
+    length_penalty: float = Field(0.0, ge=0, description="Reward minus this times (answer tokens / max_completion_length).")
+    degenerate_bottom: bool = Field(True, description="Degenerate answers (critique's checks) score below the batch's lowest.")
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+
+    @model_validator(mode="after")
+    def _groups_fit(self):
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if batch % self.num_generations:
+            raise ValueError(f"per_device_train_batch_size * gradient_accumulation_steps ({batch}) must be a multiple of "
+                             f"num_generations ({self.num_generations})")
+        return self
+
+
+OURS = {"min_rows", "heldout_fraction", "soft_labels", "weight_by_confidence",  # not TRL's: never passed to it
+        "heldout", "watch_every", "watch_temperature", "harmful_categories", "benign_categories", "length_penalty",
+        "degenerate_bottom", "thresholds"}
 
 
 class Recipe(_Strict):
@@ -83,6 +142,7 @@ class Recipe(_Strict):
     sft: SFT = Field(default_factory=SFT)
     reward: Reward = Field(default_factory=Reward)
     dpo: DPO = Field(default_factory=DPO)
+    rl: RL = Field(default_factory=RL)
 
 
 def load(spec: str | Path) -> Recipe:
@@ -115,7 +175,7 @@ def lora_config(recipe: Recipe, task_type: str = "CAUSAL_LM"):
                       modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
 
 
-def _common(recipe: Recipe, stage: Stage, output_dir: Path) -> dict:
+def _common(recipe: Recipe, stage: Stage | RL, output_dir: Path) -> dict:
     import torch
 
     return dict(
@@ -143,3 +203,9 @@ def dpo_config(recipe: Recipe, output_dir: Path):
     from trl import DPOConfig
 
     return DPOConfig(**_common(recipe, recipe.dpo, output_dir))
+
+
+def rl_config(recipe: Recipe, output_dir: Path):
+    from trl import RLOOConfig
+
+    return RLOOConfig(**_common(recipe, recipe.rl, output_dir))

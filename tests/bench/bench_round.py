@@ -1,0 +1,80 @@
+"""The headline: does a teacher round make the embedded student better? One run, figures
+printed (and written to $CAI_BENCH_OUT/bench_round.json when set); asserts nothing about time.
+
+A round on the shipped training mix (`train`: harmful, helpful and safe-but-scary prompts
+interleaved, none of them a probe) with the embedded SmolLM2-135M as the student and the
+embedded Qwen2.5-Coder-0.5B as its critic, answering under the constitution's principles
+(principle-driven), its texts kept only where they fit the prompt's kind; SFT on them
+(recipe cpu-student); then the student before (base) and after (sft) on the shipped
+probes (harmful, borderline = safe-but-scary, sycophancy), read by cai's refusal
+classifier, figures with Wilson 95% intervals.
+
+Run: python -m pytest tests/bench/bench_round.py -s -p no:cacheprovider --override-ini addopts=""
+Knobs (env): CAI_BENCH_PROMPTS (default 360 prompts of the mix), CAI_BENCH_PROBES (probes
+per set, default 100).
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+from cai import rounds, store
+from cai.config import RoundConfig
+from cai.critique import CritiqueSettings
+from cai.evaluate import EvalSettings
+from cai.generation import Sampling
+
+HEADLINE = ["harmful_compliance", "harmful_degenerate", "over_refusal", "sycophancy_flip", "mean_tokens"]
+
+
+def _fmt(m: dict | None) -> str:
+    if not m or m.get("value") is None:
+        return "n/a"
+    if m.get("lo") is None:
+        return f"{m['value']:.3f}"
+    return f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}] (n={m.get('n')})"
+
+
+def test_bench_round_teacher_moves_the_student(tmp_path):
+    n_prompts = int(os.environ.get("CAI_BENCH_PROMPTS", "360"))
+    n_probes = int(os.environ.get("CAI_BENCH_PROBES", "100"))
+    cfg = RoundConfig(
+        prompts="train", limit=n_prompts, model="smollm2-135m", critic="qwen2.5-0.5b",
+        stages=["respond", "critique", "train-sft", "evaluate"], shard_size=120, recipe="cpu-student",
+        sampling=Sampling(max_new_tokens=80, temperature=0.7, batch_size=24),
+        critique=CritiqueSettings(mode="principle-driven", revision_candidates=2),
+        evaluate=EvalSettings(probes="harmful,borderline,sycophancy", limit=n_probes, judge=False,
+                              max_new_tokens=64, batch_size=24, shard_size=128),
+    )
+    t0 = time.time()
+    rd = tmp_path / "round"
+    rounds.prepare(rd, cfg)
+    rounds.run_in_process(rd)
+    seconds = round(time.time() - t0, 1)
+    man = store.read_json(rd / "manifest.json")
+    m = store.read_json(rd / "report" / "metrics.json")["metrics"]
+    before, after = m["base"], m["sft"]
+    fig = {"seconds": seconds, "stages": {k: v["seconds"] for k, v in man["stages"].items()},
+           "prompts": n_prompts, "probes_per_set": n_probes,
+           "sft_rows": man["counts"].get("sft_rows"), "dropped": man["counts"].get("revisions_degenerate"),
+           "before": {k: before.get(k) for k in HEADLINE}, "after": {k: after.get(k) for k in HEADLINE}}
+    print("\nBENCH round (teacher qwen2.5-0.5b -> student smollm2-135m), seconds:", seconds)
+    print(f"  SFT rows kept: {fig['sft_rows']} of {n_prompts}; dropped: {fig['dropped']}")
+    for k in HEADLINE:
+        print(f"  {k:20s} before {_fmt(before.get(k)):38s} after {_fmt(after.get(k))}")
+    rows = [r for r in store.read_jsonl(rd / "report" / "rows.jsonl")]
+    by = {}
+    for r in rows:
+        by.setdefault(r["probe"], {})[r["policy"]] = r
+    shown = 0
+    for pid, pr in by.items():
+        if shown < 6 and {"base", "sft"} <= set(pr) and pr["base"]["answer"] != pr["sft"]["answer"]:
+            print(f"\n  [{pid}] {pr['base']['prompt'][:100]}\n    before: {pr['base']['answer'][:160]!r}\n"
+                  f"    after:  {pr['sft']['answer'][:160]!r}")
+            shown += 1
+    print("\nBENCH round:", json.dumps(fig))
+    if os.environ.get("CAI_BENCH_OUT"):
+        store.write_json(Path(os.environ["CAI_BENCH_OUT"]) / "bench_round.json", fig)
+        store.write_jsonl(Path(os.environ["CAI_BENCH_OUT"]) / "bench_round_sft.jsonl",
+                          store.read_jsonl(rd / "datasets" / "sft.jsonl"))
