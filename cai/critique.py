@@ -20,6 +20,7 @@ about files, queues or round folders (the caller writes what these functions ret
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 
@@ -232,6 +233,24 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
     return sft_rows, crit_rows
 
 
+_SENT_END = re.compile(r"[.!?)](?=\s)|\n")
+
+
+def trim_to_sentence(text: str, min_chars: int = 40) -> str | None:
+    """A cut-off answer ended at its last complete sentence (or line), or None when too
+    little is left or a code block is still open: a teacher's long answer cut by the token
+    budget is still a usable answer once it stops cleanly."""
+    ends = [m.end() for m in _SENT_END.finditer(text + " ")]
+    if not ends:
+        return None
+    cut = text[: ends[-1]].rstrip()
+    if len(cut) < min_chars or cut.count("```") % 2:
+        return None
+    if cut.endswith(":"):  # "Here are the steps:" with the steps cut away
+        return None
+    return cut
+
+
 def principle_driven(engine: Engine, constitution: Constitution, responses: list[dict], settings: CritiqueSettings,
                      sampling: Sampling, provenance: dict) -> tuple[list[dict], list[dict]]:
     """The critic answers each prompt under the constitution's principles (system prompt),
@@ -245,7 +264,11 @@ def principle_driven(engine: Engine, constitution: Constitution, responses: list
     sft_rows, crit_rows = [], []
     for i, r in enumerate(responses):
         cat = r.get("category") if settings.fit_kind else None
-        tried = [(v.text.strip(), v) for v in drawn[i * k : (i + 1) * k]]
+        tried = []
+        for v in drawn[i * k : (i + 1) * k]:
+            text = v.text.strip()
+            cut = None if v.finished else trim_to_sentence(text)
+            tried.append((cut, dataclasses.replace(v, finished=True)) if cut else (text, v))
         verdicts = [degenerate(t, r["response"], v.finished, None, (), cat) for t, v in tried]
         pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
         text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]

@@ -67,9 +67,10 @@ def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None, force:
     if cfg.parent is not None:  # the parent's policy adapter, from the store
         parent_dir = check(store.round_path, cfg.parent)
         parent_cfg = check(load_config, parent_dir) if parent_dir else None
-        made = next_policy(parent_cfg.stages) if parent_cfg else None
+        made = next_policy(parent_dir, parent_cfg.stages) if parent_cfg else None
         if parent_cfg is not None and made is None:
-            problems.append(f"--parent: round {cfg.parent} trains no policy (its stages: {', '.join(parent_cfg.stages)})")
+            problems.append(f"--parent: round {cfg.parent} trains no policy (its stages: {', '.join(parent_cfg.stages)}); "
+                            "a parent round needs train-sft, train-policy or another stage that makes one")
         parent_policy = str(parent_dir / made) if parent_dir and made else None
         gated = gate_failures(parent_dir) if parent_dir else []
         if gated and not force:

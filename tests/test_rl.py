@@ -86,9 +86,11 @@ def _recipe(**rl_fields) -> R.Recipe:
     return rec.model_copy(update={"rl": rl_})
 
 
-# 2 prompts x 4 answers a step, lengths capped at 24 tokens, the watch every 3 steps on 8 sampled held-out answers
-WATCHED = dict(max_steps=9, per_device_train_batch_size=8, num_generations=4, max_completion_length=24, learning_rate=3e-3,
-               beta=0.05, save_steps=100, heldout=8, watch_every=3, watch_temperature=1.0, thresholds={"length_ratio": 4.0})
+# 2 prompts x 4 answers a step, lengths capped at 24 tokens, the watch every 2 steps on 8 sampled held-out answers;
+# the length rule is set loose so that the judge's rule is the one under test
+WATCHED = dict(max_steps=6, per_device_train_batch_size=8, num_generations=4, max_completion_length=24, learning_rate=3e-3,
+               beta=0.05, save_steps=100, heldout=8, watch_every=2, watch_temperature=1.0,
+               thresholds={"length_ratio": 5.0, "judge_drop": 0.05})
 
 
 def _card(base, rec):
@@ -136,9 +138,9 @@ def test_mechanics_adapter_committed_loads_and_card_has_curves(sound, stopper, t
     out, card = sound
     adapter = out / "adapter"
     assert card["kind"] == "RL policy" and card["train"]["trainer"] == "RLOOTrainer" and card["train"]["reference"] == "base"
-    assert card["train"]["steps"] == 9 and card["train"]["heldout_rows"] == 8 and card["train"]["rows"] == 16
+    assert card["train"]["steps"] == 6 and card["train"]["heldout_rows"] == 8 and card["train"]["rows"] == 16
     curves = card["watch"]["curves"]
-    assert [p["step"] for p in curves] == [0, 3, 6, 9]
+    assert [p["step"] for p in curves] == [0, 2, 4, 6]
     for p in curves:
         assert {"step", "reward", "kl", "length", "judge", "refusal_harmful", "refusal_benign", "refusal_balance",
                 "train_kl", "train_reward", "rules"} <= p.keys()
@@ -159,9 +161,9 @@ def test_reward_hacking_is_flagged_stopped_and_the_pre_hacking_checkpoint_kept(h
     curves = {p["step"]: p for p in w["curves"]}
     assert w["flagged"] and "judge" in w["flag"]["rules"]
     flag_step = w["flag"]["step"]
-    assert flag_step < 9 and card["train"]["steps"] == flag_step  # stopped early, at the flag
+    assert flag_step < 6 and card["train"]["steps"] == flag_step  # stopped early, at the flag
     assert curves[flag_step]["reward"] > curves[w["kept_step"]]["reward"] > curves[0]["reward"]  # the reward kept climbing
-    assert curves[flag_step]["judge"] < curves[w["kept_step"]]["judge"] - 0.1  # while the judge turned against it
+    assert curves[flag_step]["judge"] < curves[w["kept_step"]]["judge"] - 0.05  # while the judge turned against it
     assert curves[flag_step]["length"] > curves[0]["length"]
     assert 0 < w["kept_step"] < flag_step and curves[w["kept_step"]]["judge"] > 0.5  # kept: trained, better, pre-hacking
     assert "fell" in w["flag"]["why"][0] and card["metrics"]["flag_rules"] == w["flag"]["rules"]
@@ -174,11 +176,11 @@ def test_reward_hacking_is_flagged_stopped_and_the_pre_hacking_checkpoint_kept(h
 def test_a_sound_reward_does_not_trip_the_watch_on_the_same_run_length(sound, hacked):
     _, card = sound
     w = card["watch"]
-    assert not w["flagged"] and w["flag"] is None and card["train"]["steps"] == 9
+    assert not w["flagged"] and w["flag"] is None and card["train"]["steps"] == 6
     assert all(not p["rules"] for p in w["curves"])
     curves = w["curves"]
     assert curves[-1]["reward"] > curves[0]["reward"] and curves[-1]["judge"] > 0.5  # both agree it got better
-    assert w["kept_step"] == max(range(len(curves)), key=lambda i: (curves[i]["judge"], i)) * 3
+    assert w["kept_step"] == max(range(len(curves)), key=lambda i: (curves[i]["judge"], i)) * 2
 
 
 def test_a_flagged_run_killed_before_its_commit_commits_the_same_adapter(hacked, stopper, tmp_path):
@@ -201,7 +203,7 @@ torch.set_num_threads(1)
 from cai.train import common, recipe as R, rl
 base, init, out, recipe_path = sys.argv[1:5]
 rec = R.load(recipe_path)
-rec = rec.model_copy(update={"rl": rec.rl.model_copy(update={"max_steps": 6, "save_steps": 1, "watch_every": 2, "heldout": 4,
+rec = rec.model_copy(update={"rl": rec.rl.model_copy(update={"max_steps": 4, "save_steps": 1, "watch_every": 2, "heldout": 4,
                                                              "per_device_train_batch_size": 4, "max_completion_length": 8})})
 prompts = [{"prompt": f"Question {i}?", "category": ["red_team", "helpful"][i % 2]} for i in range(10)]
 card = common.card_base(kind="RL policy", base_model=base, round_id="r", parent=None, constitution_hash=None, recipe=rec, datasets={})
@@ -237,15 +239,15 @@ def test_killed_rl_resumes_from_its_last_complete_checkpoint(stopper, init_adapt
     done = common.last_complete_checkpoint(tmp_path / "ck")
     assert done is not None
     step = int(done.rsplit("-", 1)[1])
-    assert 2 <= step < 6
+    assert 2 <= step < 4
     before = json.loads((Path(done) / rl.WATCH_FILE).read_text())
     r = subprocess.run(args, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     card = json.loads((tmp_path / "adapter" / "cai.json").read_text())
     assert card["train"]["resumed_from"].endswith(f"checkpoint-{step}")
-    assert card["train"]["steps"] == 6 and card["train"]["reference"] == "init adapter"
+    assert card["train"]["steps"] == 4 and card["train"]["reference"] == "init adapter"
     steps = [p["step"] for p in card["watch"]["curves"]]
-    assert steps == [0, 2, 4, 6]  # each watch point once: the ones before the kill came back from the checkpoint
+    assert steps == [0, 2, 4]  # each watch point once: the ones before the kill came back from the checkpoint
     assert card["watch"]["curves"][: len(before["curves"])] == before["curves"]
     assert card["watch"]["answers"]["start"] == before["start_answers"]
     assert not (tmp_path / "adapter" / "ref").exists()

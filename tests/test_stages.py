@@ -197,3 +197,41 @@ def test_revision_candidates_keep_the_first_usable_one():
                                 Sampling(), {})
     assert one == [] and two[0]["messages"][-1]["content"] == "A safer, complete answer."
     assert crit[0]["candidates"] == 2 and crit[0]["degenerate"] is None
+
+
+def test_a_server_only_evaluate_uses_is_checked_before_work(tmp_path, tiny_model_dir):
+    """Roles: the evaluate row names the judge role, so its server is preflighted (issue 16 item 7)."""
+    import socket
+
+    from cai import rounds
+    from cai.config import RoundConfig, ServerSettings
+    from cai.errors import InputError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    cfg = RoundConfig(prompts="sample", limit=2, model=str(tiny_model_dir), stages=["respond", "evaluate"],
+                      judge_engine=ServerSettings(url=f"http://127.0.0.1:{dead}/v1", timeout=5, retries=0))
+    with pytest.raises(InputError) as e:
+        rounds.prepare(tmp_path / "r", cfg)
+    assert any(p.startswith(f"--judge-url http://127.0.0.1:{dead}") for p in e.value.problems), e.value.problems
+    assert not (tmp_path / "r").exists()
+
+
+def test_roles_route_and_record_who_made_each_stage(tmp_path, tiny_model_dir):
+    """A separate critic makes the critique stage's text; the manifest says role, model, adapter, engine."""
+    from cai import plan, stages
+    from cai.config import Round, ServerSettings
+
+    cfg = Round(round_id="r", prompts="x", model=str(tiny_model_dir), critic=str(tiny_model_dir) + "/",
+                stages=["respond", "critique", "train-sft", "pairs", "evaluate"])
+    made = stages.producers(tmp_path, cfg)
+    assert made["critique"]["roles"]["critic"] == {"role": "critic", "model": cfg.critic, "adapter": None,
+                                                   "engine": "in-process"}
+    assert made["pairs"]["roles"]["policy"]["adapter"] == "adapters/sft"
+    assert set(made["evaluate"]["roles"]) == {"policy", "judge"}  # no reward model in this round
+    served = cfg.model_copy(update={"engine": ServerSettings(url="http://127.0.0.1:1/v1")})
+    assert plan.queue_of(served, "respond") == "cpu" and plan.queue_of(served, "critique") == "generate"
+    assert plan.queue_of(served, "evaluate") == "generate"  # its judge runs in process
+    assert stages.next_policy(tmp_path, cfg.stages) == "adapters/sft"
+    assert [n for n, _ in stages.evaluate.policies(cfg, stages.ROW)] == ["base", "sft"]

@@ -106,11 +106,13 @@ def check_plan(stages: list[str], pairs_file: bool) -> list[str]:
     return out
 
 
-def next_policy(stages: list[str]) -> str | None:
-    """The adapter (relative) a round hands to the next round as its policy: the output of
-    the last stage of the round whose row yields a policy."""
-    made = [ROW[s].output for s in stages if ROW[s].yields_policy]
-    return made[-1] if made else None
+def next_policy(rd: Path, stages: list[str]) -> str | None:
+    """The adapter (relative) a finished round hands to the next round as its policy: the
+    output of the last of its stages whose row yields a policy, else of any such row whose
+    adapter is present (None when there is none)."""
+    mine = [ROW[s].output for s in stages if ROW[s].yields_policy]
+    present = [r.output for r in STAGES if r.yields_policy and (rd / r.output / "adapter_config.json").exists()]
+    return (mine or present or [None])[-1]
 
 
 def producers(rd: Path, cfg: "Round") -> dict:
