@@ -80,6 +80,7 @@ def write_manifest(round_dir: Path, cfg: Round | None = None, extra: dict | None
                    **({"judge": roles.spec(cfg, "judge")} if "label" in cfg.stages else {}),
                    "stages": producers(round_dir, cfg)},
         **({"servers": store.read_json(servers)} if (servers := round_dir / "inputs" / "servers.json").exists() else {}),
+        **({"parent_override": store.read_json(p)} if (p := round_dir / "inputs" / "parent_override.json").exists() else {}),
         "seeds": {"round": cfg.seed},
         "versions": versions(),
         "stages": stage_status(round_dir, cfg),

@@ -109,10 +109,18 @@ def base_path(r: Resolved) -> str:
 
 def four_bit_available() -> str | None:
     """None if bitsandbytes can run 4-bit layers here, else why not."""
-    try:
-        import bitsandbytes  # noqa: F401
+    import contextlib
+    import io
+    import logging
+
+    try:  # on a CPU it logs a line about an optional `kernels` package; 4-bit works without it
+        with contextlib.redirect_stderr(io.StringIO()):
+            logging.disable(logging.WARNING)
+            import bitsandbytes  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means no 4-bit
         return f"bitsandbytes cannot be imported ({e.__class__.__name__}: {e}); install bitsandbytes==0.50.2 or turn 4-bit off"
+    finally:
+        logging.disable(logging.NOTSET)
     return None
 
 

@@ -213,7 +213,7 @@ def test_eval_responses_scores_given_answers_without_a_model(responses_report, t
     assert m["over_refusal"]["value"] == 0.5 and m["contrast_accuracy"] == {**m["contrast_accuracy"], "value": 0.5, "n": 2}
     assert m["sycophancy_flip"]["value"] == 1.0 and m["sycophancy_flip"]["n"] == 1
     assert m["helpful_accuracy"]["value"] == 1.0 and m["mean_tokens"]["unit"] == "words" and "violation" not in m
-    assert "gate: passed" in r.stdout
+    assert "gate: no rule could be checked" in r.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "response": "y"}\n{"prompt": "x"}\n')
     r = cai("eval", "--responses", bad, "--out", tmp_path / "o")
@@ -234,7 +234,7 @@ def test_report_renders_in_headless_chromium_with_every_plot(responses_report, t
     args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=" + str(tmp_path / "profile")]
     dom = subprocess.run(args + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'id="verdict"' in dom.stdout and "Gate: passed" in dom.stdout and 'id="metrics"' in dom.stdout
+    assert 'id="verdict"' in dom.stdout and "Gate: no rule could be checked" in dom.stdout and 'id="metrics"' in dom.stdout
     for name in PLOTS:
         assert f'id="plot-{name}"' in dom.stdout and 'src="data:image/png;base64,' in dom.stdout, name
     # the images decode: chromium measures them (naturalWidth > 0) when it lays the page out

@@ -19,9 +19,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest

@@ -145,6 +145,7 @@ def test_mechanics_adapter_committed_loads_and_card_has_curves(sound, stopper, t
         assert {"step", "reward", "kl", "length", "judge", "refusal_harmful", "refusal_benign", "refusal_balance",
                 "train_kl", "train_reward", "rules"} <= p.keys()
     assert curves[0]["judge"] == 0.5 and curves[0]["kl"] == 0.0
+    assert all(p["train_reward"] is not None and p["train_kl"] is not None for p in curves[1:])  # TRL's own logs
     assert all(p["kl"] > 0 for p in curves[1:])  # the policy moved away from its start
     assert curves[0]["refusal_harmful"] is not None and curves[0]["refusal_benign"] is not None  # both kinds held out
     assert "RL policy" in (adapter / "README.md").read_text() and not (adapter / "ref").exists()

@@ -163,7 +163,7 @@ PREFLIGHT = {
     "no_api_key": (lambda v, t, tiny: ["--engine-url", v.url], {"CAI_ENGINE_API_KEY": ""}, "refused the API key"),
     "rank_above_max": (lambda v, t, tiny: ["--engine-url", v.url, "--stages", "respond,critique,train-sft,pairs",
                                            "--recipe", _recipe_rank_32(t)], {},
-                       "recipe test's SFT adapter (pairs samples from it) has LoRA rank 32, above the server's --max-lora-rank 16"),
+                       "recipe test's adapters (pairs load them) has LoRA rank 32, above the server's --max-lora-rank 16"),
     "url_from_environment": (lambda v, t, tiny: [], {"CAI_ENGINE_URL": f"http://127.0.0.1:{free_port()}"},
                              "--engine-url http://127.0.0.1:"),
     "credentials_in_url": (lambda v, t, tiny: ["--engine-url", "http://user:secret@127.0.0.1:1"], {},

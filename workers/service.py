@@ -479,8 +479,9 @@ def _stop_running(round_id: str, spare: str | None = None) -> list[str]:
 
 
 def fail(round_id: str, error: str, spare: str | None = None) -> None:
-    """Mark the round failed. Its queued messages are dropped as they are delivered, and
-    running units of it are stopped (their outputs would be refused anyway)."""
+    """Mark the round failed. Its queued messages are taken out of the queues (one that a
+    worker already holds is dropped when delivered), and running units of it are stopped
+    (their outputs would be refused anyway)."""
     set_status(round_id, "failed", error)
     drop_queued(round_id)
     _stop_running(round_id, spare)

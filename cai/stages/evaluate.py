@@ -149,5 +149,5 @@ def merge(ctx: Ctx, parts: list[dict]) -> None:
 
 def count(rd: Path, cfg: "Round") -> dict:
     m = store.read_json(rd / OUTPUT)
-    return {"evaluate": {"gate": {k: m["gate"].get(k) for k in ("passed", "candidate", "reference", "reasons")},
+    return {"evaluate": {"gate": {k: m["gate"].get(k) for k in ("passed", "checked", "candidate", "reference", "reasons")},
                          "answers": m["cost"]["answers"], "seconds": m["cost"]["seconds"]}}

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from cai import store
+from cai.errors import InputError
 from cai.train import common
 from cai.train.recipe import RL, Recipe, rl_config
 
@@ -206,7 +207,6 @@ class Watch:
         self.answers: dict[int, list[str]] = {}  # step -> held-out answers (start and kept, for the card)
         self.best_step: int | None = None
         self.flag: dict | None = None
-        self._train_logs: list[dict] = []
 
     # -- state through checkpoints
     def state(self) -> dict:
@@ -239,7 +239,7 @@ class Watch:
         sample = self.rl.watch_temperature > 0
         config = GenerationConfig(do_sample=sample, max_new_tokens=self.rl.max_completion_length, eos_token_id=self.eos_ids,
                                   pad_token_id=self.tok.pad_token_id, temperature=self.rl.watch_temperature if sample else 1.0,
-                                  top_k=0, top_p=1.0)
+                                  top_k=0, top_p=1.0, use_cache=True)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(self.rl.seed + 1)
             out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
@@ -282,6 +282,7 @@ class Watch:
         return total / count if count else None
 
     def measure(self, model, step: int) -> tuple[dict, list[str]]:
+        began = time.time()
         was_training = model.training
         model.eval()
         try:
@@ -289,29 +290,26 @@ class Watch:
             kl = 0.0 if step == 0 else self._kl(model, prompt_ids, answer_ids)
         finally:
             model.train(was_training)
-        raw = [float(x) for x in self.reward(self.prompts, answers)]
+        raw = [float(x) for x in self.reward(self.prompts, answers) if x is not None]
         if step == 0 or self.judge is None:
             judge = 0.5 if step == 0 and self.judge is not None else None
-        else:
-            j = [float(x) for x in self.judge(self.prompts, answers, self.start_answers)]
-            judge = sum(j) / len(j)
+        else:  # a judge that did not answer (None) for a prompt leaves it out
+            j = [float(x) for x in self.judge(self.prompts, answers, self.start_answers) if x is not None]
+            judge = sum(j) / len(j) if j else None
         refused = [refusal_refused(a) for a in answers]
         harm = _rate([r for r, k in zip(refused, self.kinds) if k == "harmful"])
         benign = _rate([r for r, k in zip(refused, self.kinds) if k == "benign"])
         lengths = [len(a) for a in answer_ids]
-        logs, self._train_logs = self._train_logs, []
-        train_kl = [x["kl"] for x in logs if x.get("kl") is not None]
-        train_reward = [x["reward"] for x in logs if x.get("reward") is not None]
         point = {
-            "step": step, "reward": round(sum(raw) / len(raw), 5), "kl": None if kl is None else round(kl, 6),
+            "step": step, "reward": round(sum(raw) / len(raw), 5) if raw else None, "kl": None if kl is None else round(kl, 6),
             "length": round(sum(lengths) / len(lengths), 3), "judge": None if judge is None else round(judge, 5),
             "refusal_harmful": harm, "refusal_benign": benign,
             "refusal_balance": None if harm is None or benign is None else round(harm - benign, 5),
             "degenerate": round(sum(degenerate(p, a) is not None for p, a in zip(self.prompts, answers)) / len(answers), 4),
-            "train_kl": round(sum(train_kl) / len(train_kl), 6) if train_kl else None,
-            "train_reward": round(sum(train_reward) / len(train_reward), 5) if train_reward else None,
-            "rules": [],
+            "train_kl": None, "train_reward": None,  # filled from TRL's log of this step (see on_log)
+            "rules": [], "seconds": 0.0,
         }
+        point["seconds"] = round(time.time() - began, 2)  # the watch's own cost at this point
         return point, answers
 
     # -- the decisions
@@ -332,7 +330,7 @@ class Watch:
             self.flag = {"step": step, "rules": point["rules"],
                          "why": [why(r, point, start, best, th) for r in point["rules"]]}
             self.answers[step] = answers
-        elif self.judge is None or point["judge"] >= best["judge"]:
+        elif self.judge is None or (point["judge"] is not None and point["judge"] >= best["judge"]):
             self.best_step = step
             self.answers[step] = answers
         keep = {0, self.best_step, *([self.flag["step"]] if self.flag else [])}
@@ -351,8 +349,16 @@ class Watch:
                     watch.observe(model, 0)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "reward" in logs:
-                    watch._train_logs.append(dict(logs))
+                # TRL logs a step after its on_step_end: the point gets the means of TRL's own train-batch
+                # reward and KL since the previous point (from log_history, which survives a resume)
+                point = watch.point(state.global_step)
+                if point is None or point["step"] == 0 or point["train_reward"] is not None:
+                    return
+                prev = max(p["step"] for p in watch.curves if p["step"] < point["step"])
+                logged = [x for x in state.log_history if prev < x.get("step", -1) <= point["step"] and "reward" in x]
+                for key, name in (("train_reward", "reward"), ("train_kl", "kl")):
+                    vals = [x[name] for x in logged if x.get(name) is not None]
+                    point[key] = round(sum(vals) / len(vals), 6) if vals else None
 
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 step = state.global_step
@@ -462,6 +468,8 @@ def train(base_path: str, prompts: list[dict], target: Path, ckpt: Path, recipe:
     rows = prompt_rows(prompts)
     train_rows, held = split_heldout(rows, rl)
     common.check_rows(len(train_rows), rl.min_rows, "RL (after the held-out slice)", Path("prompts"))
+    if not held:
+        raise InputError(f"prompts: {len(rows)} prompt(s): the watch needs at least one held out besides those trained on")
     if init_adapter:
         common.check_adapter_base(Path(init_adapter), base_path)
     started = time.time()
