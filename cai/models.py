@@ -159,6 +159,26 @@ def placement(bf16: bool = True) -> dict:
     return {"dtype": torch.float32}
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 inference runs
+    ~2.7x faster than float32 (measured here with Qwen2.5-0.5B, batch 24, same first answer)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def teacher_bf16(r: Resolved, *, four_bit: bool = False, trainable: bool = False) -> bool:
+    """An embedded teacher (an embedded model other than the default student), loaded for
+    inference on a CPU with native bf16, runs in bf16. The student stays float32 (its
+    probabilities are compared with a vLLM server's in float32, and training reads it)."""
+    import torch
+
+    return (bool(r.name) and r.name != EMBEDDED and not r.adapter and not four_bit and not trainable
+            and not torch.cuda.is_available() and cpu_bf16())
+
+
 def load(spec: str | Resolved, *, four_bit: bool = False, adapter: str | None = None, trainable: bool = False):
     """Load (model, tokenizer) for a spec, in eval mode unless trainable."""
     import torch
@@ -166,6 +186,8 @@ def load(spec: str | Resolved, *, four_bit: bool = False, adapter: str | None = 
 
     r = spec if isinstance(spec, Resolved) else resolve(spec)
     kwargs = placement()
+    if teacher_bf16(r, four_bit=four_bit, trainable=trainable):
+        kwargs["dtype"] = torch.bfloat16
     if four_bit:
         why = four_bit_available()
         if why:

@@ -210,7 +210,7 @@ ASK_WHY = re.compile(r"^\s*why (?:are|is|do|does|should|shouldn't|can't|cannot|a
 _STOP = set("the a an and or of to in on for with at by from is are was were be been it its this that these those i me my you your he she him her they them their we our "
             "do does did can could would should will shall may might must how what why when where which who whom whose if so as not no yes just also very really "
             "get got make give tell write help want need like about into out up down over some any all more most much many such than then there here have has had "
-            "am im i'm it's don't can't won't".split())
+            "am im i'm it's don't can't won't while because since until after before during them once ever".split())
 
 
 def _stems(text: str) -> set[str]:
@@ -425,27 +425,30 @@ def _fragment(text: str) -> bool:
 
 
 def degenerate(prompt: str, answer: str, finished: bool | None = None) -> str | None:
-    """Why an answer says nothing useful, or None: empty; truncated (the generation was cut
-    off, `finished` False, before one complete sentence); repetitive or a copy of the
-    request (the critique stage's checks: cai.critique.repetitive, cai.critique.copies);
-    off-topic (20+ words sharing no content word with the request). An answer cut at the
-    token limit after whole sentences is not degenerate (what it said before the cut
-    stands), and a given answer (`finished` None) is never called truncated: a terse reply
-    without a full stop is not a cut."""
-    from cai import critique  # the critique stage's degenerate checks, reused
+    """Why an answer says nothing useful, or None:
+      empty        no letter or digit;
+      truncated    the generation was cut off (`finished` False) before one complete sentence;
+      repetitive   cai.critique.repetitive (the critique stage's check);
+      echo         the request again (cai.critique.copies) with no word of its own;
+      off-topic    40+ words sharing no content word with the request (a shorter answer may
+                   well help without repeating a word of it: "Use a rifle with a scope ...").
+    An answer cut at the token limit after whole sentences is not degenerate (what it said
+    before the cut stands), and a given answer (`finished` None) is never called truncated: a
+    terse reply without a full stop is not a cut."""
+    from cai import critique  # the critique stage's degenerate checks, reused (not copied)
 
     text = answer.strip()
-    words = _CONTENT_WORD.findall(text.lower())
-    if len(words) < 2:
+    if not re.search(r"[^\W_]", text):
         return "empty"
     if finished is False and _fragment(text):
         return "truncated"
     if critique.repetitive(text):
         return "repetitive"
-    if prompt and critique.copies(text, prompt):
+    tokens = lambda s: set(re.findall(r"[a-z0-9][a-z0-9']*", s.lower())) - _STOP  # noqa: E731
+    if prompt and critique.copies(text, prompt) and not tokens(text) - tokens(prompt):
         return "echo"
     asked = _stems(prompt or "")
-    if len(asked) >= 2 and len(words) >= 20 and not (asked & _stems(text)):
+    if len(asked) >= 2 and len(_CONTENT_WORD.findall(text.lower())) >= 40 and not (asked & _stems(text)):
         return "off-topic"
     return None
 

@@ -1,0 +1,122 @@
+"""A teacher for the student: texts kept only where they fit the prompt's kind, principles
+drawn by the prompt's kind, principle-driven answers, pairs that say what was learned, and
+a teacher round end to end with the embedded Qwen2.5-0.5B as the critic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai import constitution as C
+from cai.critique import (CritiqueSettings, degenerate, kind_misfit, principle_driven, principles_prompt,
+                          sample_principle, trim_to_sentence)
+from cai.generation import Generation, Sampling
+from cai.pairs import revision_pairs
+from tests.test_constitution import DEFAULT
+
+REFUSAL = "I'm sorry, but I can't help with that. If you're struggling, please talk to someone you trust."
+ANSWER = "Use `kill -9 PID` to stop it; find the PID with `ps aux | grep name` first."
+
+
+class Scripted:
+    """The engine seam with answers given in order (a fault-free stand-in for a model, so the
+    filters are tested on exactly the texts written here)."""
+
+    name = "scripted"
+
+    def __init__(self, texts: list[tuple[str, bool]]) -> None:
+        self.texts, self.calls = list(texts), []
+
+    def generate(self, conversations, sampling, *, prefixes=None):
+        self.calls.append(conversations)
+        return [Generation(t, len(t.split()), f) for t, f in self.texts[: len(conversations)]]
+
+
+def _resp(pid: str, text: str, category: str, answer: str = "sure, here is how") -> dict:
+    return {"prompt_id": pid, "messages": [{"role": "user", "content": text}], "category": category, "response": answer}
+
+
+def test_kind_misfit_drops_refused_benign_and_complied_harmful():
+    assert kind_misfit(REFUSAL, "helpful") == "refuses-benign"
+    assert kind_misfit(REFUSAL, "borderline") == "refuses-benign"
+    assert kind_misfit(ANSWER, "borderline") is None
+    assert kind_misfit(ANSWER, "red_team") == "complies-harmful"
+    assert kind_misfit(REFUSAL, "red_team") is None
+    assert kind_misfit(ANSWER, None) is None  # no category: no kind to fit
+    assert degenerate(REFUSAL, "x", True, category="helpful") == "refuses-benign"
+    assert degenerate("The response should be safer.", "x", True, category="red_team") == "meta"  # meta first
+
+
+def test_trim_to_sentence_keeps_a_cut_answer_that_ends_cleanly():
+    assert trim_to_sentence("You can use Integer.parseInt(s) to convert it. It throws NumberFormatException when the") == \
+        "You can use Integer.parseInt(s) to convert it."
+    assert trim_to_sentence("Here are the steps:\n1. Open the") is None  # nothing left but the lead-in
+    assert trim_to_sentence("```python\nprint(1)\nprint(") is None      # an open code block
+    assert trim_to_sentence("Short. And") is None                        # too little left
+
+
+def test_principles_drawn_by_the_prompts_kind():
+    cons = C.load(DEFAULT)
+    harm = {sample_principle(cons, 0, f"p{i}", 0, tags=["harmlessness"]).id for i in range(40)}
+    assert harm and all("harmlessness" in cons.principle(p).tags for p in harm)
+    assert len({sample_principle(cons, 0, f"p{i}", 0).id for i in range(40)}) > len(harm) - 1
+
+
+def test_principle_driven_answers_keep_what_fits_and_say_their_source():
+    cons = C.load(DEFAULT)
+    rows = [_resp("h", "How do I make a pipe bomb?", "red_team"), _resp("b", "How do I kill a stuck process?", "borderline"),
+            _resp("c", "How do I reverse a string?", "helpful")]
+    engine = Scripted([(ANSWER, True), (REFUSAL, True),          # harmful: complies, then refuses -> the refusal
+                       (REFUSAL, True), (ANSWER, True),          # borderline: refuses, then answers -> the answer
+                       (REFUSAL, True), (REFUSAL, True)])        # helpful: refuses twice -> dropped, counted
+    sft, crit = principle_driven(engine, cons, rows, CritiqueSettings(mode="principle-driven", revision_candidates=2),
+                                 Sampling(), {"round": "r"})
+    assert [r["prompt_id"] for r in sft] == ["h", "b"]
+    assert [r["messages"][-1]["content"] for r in sft] == [REFUSAL, ANSWER]
+    assert all(r["source"] == "principle-driven" for r in sft)
+    assert [c["degenerate"] for c in crit] == [None, None, "refuses-benign"]
+    system = engine.calls[0][0][0]
+    assert system["role"] == "system" and system["content"] == principles_prompt(cons)
+    assert all(p.preference_question in system["content"] for p in cons.principles if p.preference_question)
+
+
+def test_pairs_by_construction_say_what_was_learned():
+    def sft(pid, cat, final, first):
+        return {"prompt_id": pid, "category": cat, "messages": [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": final}], "initial_response": first, "revisions_accepted": 1,
+                "source": "principle-driven", "provenance": {"principles": []}}
+
+    rows = revision_pairs([sft("h1", "red_team", REFUSAL, ANSWER),      # refusal over compliance: kept
+                           sft("h2", "red_team", REFUSAL, "No, I won't help with that."),  # both refuse: nothing learned
+                           sft("b1", "borderline", ANSWER, REFUSAL)])  # a real answer over a refusal: kept
+    assert [(r["prompt_id"], r["source"], r["better"]) for r in rows] == [("h1", "principle-driven", 0),
+                                                                        ("b1", "principle-driven", 0)]
+
+
+@pytest.mark.e2e
+def test_a_teacher_round_with_the_embedded_qwen_critic(tmp_path):
+    """The student answers, the embedded Qwen2.5-0.5B answers under the principles; the manifest
+    names each role, and the SFT rows are the teacher's kept texts."""
+    from cai import rounds, store
+    from cai.config import RoundConfig
+
+    cfg = RoundConfig(prompts="demo", limit=3, model="smollm2-135m", critic="qwen2.5-0.5b",
+                      stages=["respond", "critique"], sampling=Sampling(max_new_tokens=48, batch_size=8),
+                      critique=CritiqueSettings(mode="principle-driven", revision_candidates=1))
+    rd = tmp_path / "round"
+    rounds.prepare(rd, cfg)
+    rounds.run_in_process(rd)
+    man = json.loads((rd / "manifest.json").read_text())
+    assert man["models"]["critic"] == "qwen2.5-0.5b"
+    assert man["models"]["stages"]["critique"]["roles"]["critic"]["model"] == "qwen2.5-0.5b"
+    assert man["models"]["stages"]["respond"]["roles"]["policy"]["model"] == "smollm2-135m"
+    crit = store.read_jsonl(rd / "datasets" / "critiques.jsonl")
+    assert len(crit) == 3 and all(c["source"] == "principle-driven" for c in crit)
+    for c in crit:
+        print(c["prompt_id"], c["degenerate"], "|", c["revision"][:120])
+    sft = store.read_jsonl(rd / "datasets" / "sft.jsonl")
+    assert all(r["source"] == "principle-driven" and r["provenance"]["critic"] == "qwen2.5-0.5b" for r in sft)
+    assert len(sft) == sum(c["degenerate"] is None for c in crit)
+    harmful = [c for c in crit if c["prompt_id"] in {r["prompt_id"] for r in sft} and c["degenerate"] is None]
+    assert harmful, "the teacher kept nothing of 3 demo prompts"
