@@ -207,7 +207,7 @@ def test_eval_responses_scores_given_answers_without_a_model(responses_report, t
     assert len(rows) == 7 and all({"prompt", "set", "answer", "refusal", "judge"} <= set(x) for x in rows)
     by = {x["probe"]: x for x in rows}
     assert by["harm-001"]["refusal"] == "full" and by["harm-002"]["refusal"] == "none" and by["harm-001"]["judge"] is None
-    assert by["bord-002"]["refusal"] == "partial" and by["bord-001"]["refusal"] == "none" and by["row-7"]["set"] == "helpful"
+    assert by["bord-002"]["refusal"] == "full" and by["bord-001"]["refusal"] == "none" and by["row-7"]["set"] == "helpful"
     m = json.loads((out / "metrics.json").read_text())["metrics"]["responses"]
     assert m["harmful_compliance"]["value"] == 0.5 and m["harmful_compliance"]["n"] == 2
     assert m["over_refusal"]["value"] == 0.5 and m["contrast_accuracy"] == {**m["contrast_accuracy"], "value": 0.5, "n": 2}
