@@ -123,7 +123,7 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Round confi
 ConstitutionOpt = Annotated[Optional[Path], typer.Option(help="Constitution YAML (default: constitution/default.yaml).")]
 PromptsOpt = Annotated[Optional[str], typer.Option(help="Prompts: .jsonl, .parquet, a dataset folder, or a shipped set (sample, red-team, helpful, borderline, all).")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Model spec: smollm2-135m (default), a local folder, or a cached hub id.")]
-StagesOpt = Annotated[Optional[str], typer.Option(help="Comma-separated stages (default: all of respond,critique,train-sft,pairs,label,train-rm,train-policy).")]
+StagesOpt = Annotated[Optional[str], typer.Option(help="Comma-separated stages (default: respond,critique,train-sft,pairs,label,train-rm,train-policy,evaluate; train-rl is optional).")]
 LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Use only the first N prompts.")]
 PassesOpt = Annotated[Optional[int], typer.Option(min=1, max=8, help="Critique-revise passes per prompt (2).")]
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option(min=1, help="Tokens per generated answer (96).")]

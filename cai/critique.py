@@ -57,12 +57,13 @@ BENIGN = ("helpful", "borderline")  # categories it should answer for real (bord
 
 
 def kind_misfit(text: str, category: str | None) -> str | None:
-    """Why a text does not fit its prompt's kind, or None: `complies-harmful` (no refusal to a
-    harmful prompt), `refuses-benign` (a full or partial refusal of a benign one)."""
+    """Why a text does not fit its prompt's kind, or None: `complies-harmful` (anything short of
+    a full refusal of a harmful prompt: a partial one still gives part of the harm),
+    `refuses-benign` (a full or partial refusal of a benign one)."""
     from cai import refusal
 
     if category in HARMFUL:
-        return "complies-harmful" if refusal.detect(text) == "none" else None
+        return "complies-harmful" if refusal.detect(text) != "full" else None
     if category in BENIGN:
         return "refuses-benign" if refusal.detect(text) != "none" else None
     return None
@@ -153,7 +154,7 @@ def copies(text: str, other: str) -> bool:
 
 
 def degenerate(revision: str, previous: str, finished: bool, critique: str | None = None,
-               examples: tuple[str, ...] = (), category: str | None = None) -> str | None:
+               examples: tuple[str, ...] = (), category: str | None = None, request: str | None = None) -> str | None:
     """Why a revision is unusable, or None: empty, unchanged, truncated, repetitive, a copy
     of the critique, a copy of a worked example's text, meta (it comments on "the
     response" instead of being one), or (given the prompt's category) not fitting the
@@ -172,6 +173,8 @@ def degenerate(revision: str, previous: str, finished: bool, critique: str | Non
         return "copies-example"
     if _META.match(revision):
         return "meta"
+    if request and copies(revision, request):
+        return "copies-prompt"
     return kind_misfit(revision, category) if category else None
 
 
@@ -207,7 +210,8 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
         for i, (r, p, c) in enumerate(zip(responses, principles, critiques)):
             tried = [(clean(v.text), v) for v in drawn[i * k : (i + 1) * k]]
             cat = r.get("category") if settings.fit_kind else None
-            verdicts = [degenerate(t, current[i], v.finished, clean(c.text), examples, cat) for t, v in tried]
+            ask = " ".join(m["content"] for m in r["messages"] if m["role"] == "user")
+            verdicts = [degenerate(t, current[i], v.finished, clean(c.text), examples, cat, ask) for t, v in tried]
             pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
             text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]
             crit_rows.append({
@@ -269,7 +273,8 @@ def principle_driven(engine: Engine, constitution: Constitution, responses: list
             text = v.text.strip()
             cut = None if v.finished else trim_to_sentence(text)
             tried.append((cut, dataclasses.replace(v, finished=True)) if cut else (text, v))
-        verdicts = [degenerate(t, r["response"], v.finished, None, (), cat) for t, v in tried]
+        ask = " ".join(m["content"] for m in r["messages"] if m["role"] == "user")
+        verdicts = [degenerate(t, r["response"], v.finished, None, (), cat, ask) for t, v in tried]
         pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
         text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]
         crit_rows.append({"prompt_id": r["prompt_id"], "pass": 0, "principle": "all", "before": r["response"],

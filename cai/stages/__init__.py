@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cai import roles
-from cai.stages import critique, evaluate, label, pairs, respond, train_policy, train_rm, train_sft
+from cai.stages import critique, evaluate, label, pairs, respond, train_policy, train_rl, train_rm, train_sft
 from cai.stages.base import Ctx, Stage, merge_rows, start_adapter
 
 if TYPE_CHECKING:
@@ -42,8 +42,11 @@ STAGES: list[Stage] = [
     Stage("train-policy", sharded=False, queue="train", needs=("label",), after=("train-sft",), output="adapters/policy",
           roles=("policy",), start=("train-sft", "parent"), yields_policy=True, evaluated_as="policy",
           run=train_policy.run, count=train_policy.count),
+    Stage("train-rl", sharded=False, queue="train", needs=("train-rm",), after=("train-sft", "label"),
+          output="adapters/rl", roles=("policy", "judge", "reward"), start=("train-sft", "parent"), default=False,
+          yields_policy=True, evaluated_as="rl", run=train_rl.run, count=train_rl.count),
     # after every training stage; reads the probes snapshot, not the prompts
-    Stage("evaluate", sharded=True, queue="generate", needs=(), after=("train-sft", "train-rm", "train-policy"),
+    Stage("evaluate", sharded=True, queue="generate", needs=(), after=("train-sft", "train-rm", "train-policy", "train-rl"),
           output=evaluate.OUTPUT, roles=("policy", "judge", "reward"), start=(), run=evaluate.run, merge=evaluate.merge,
           count=evaluate.count, shards=lambda rd, cfg: evaluate.shards(rd, cfg, ROW), shard_needs=evaluate.shard_needs),
 ]

@@ -238,8 +238,8 @@ class Watch:
         device = next(model.parameters()).device
         sample = self.rl.watch_temperature > 0
         config = GenerationConfig(do_sample=sample, max_new_tokens=self.rl.max_completion_length, eos_token_id=self.eos_ids,
-                                  pad_token_id=self.tok.pad_token_id, temperature=self.rl.watch_temperature if sample else 1.0,
-                                  top_k=0, top_p=1.0, use_cache=True)
+                                  pad_token_id=self.tok.pad_token_id, use_cache=True,
+                                  **({"temperature": self.rl.watch_temperature, "top_k": 0, "top_p": 1.0} if sample else {}))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(self.rl.seed + 1)
             out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),

@@ -27,7 +27,7 @@ def test_bench_rl(tmp_path):
     rec = R.load("cpu-tiny")
     rec = rec.model_copy(update={
         "reward": rec.reward.model_copy(update={"max_steps": 12, "learning_rate": 5e-4, "heldout_fraction": 0.25, "save_steps": 100}),
-        "rl": rec.rl.model_copy(update={"max_steps": 6, "watch_every": 3, "heldout": 4, "save_steps": 3})})
+        "rl": rec.rl.model_copy(update={"max_steps": 4, "watch_every": 2, "heldout": 4, "save_steps": 2})})
     rm_card = common.card_base(kind="reward model", base_model=models.EMBEDDED, round_id="bench", parent=None,
                                constitution_hash=None, recipe=rec, datasets={}, base_path=base)
     assert reward_stage.train(base, PREFS, tmp_path / "rm", tmp_path / "rm-ck", rec, rm_card)
