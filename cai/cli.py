@@ -593,8 +593,12 @@ def eval_cmd(
     responses: Optional[Path] = typer.Option(None, help="Score given answers instead: JSONL with prompt (or messages), response, optional set."),
     judge: Optional[str] = typer.Option(None, help="Judge model spec (default with --model: its base; with --responses: none, rule-based metrics only)."),
     probes: str = typer.Option("shipped", help="Probe sets: shipped, a JSONL file or a folder of them."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N probes of each set."),
+    limit: Optional[str] = typer.Option(None, help="Probes per set: N or SET=N,... (default: 32 harmful and borderline, 16 sycophancy and helpful; 'all' for every probe)."),
     max_new_tokens: int = typer.Option(128, min=1, help="Tokens per answer."),
+    engine_url: Optional[str] = typer.Option(None, help="OpenAI-compatible server that answers as the model (env CAI_ENGINE_URL; the adapter is loaded there by runtime LoRA)."),
+    engine_model: Optional[str] = typer.Option(None, help="Served model name on --engine-url (default: the first it serves)."),
+    judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible server for the judge (env CAI_JUDGE_URL)."),
+    judge_model: Optional[str] = typer.Option(None, help="Served model name on --judge-url."),
     batch_size: int = typer.Option(16, min=1, help="Generation and judging batch size."),
     principles_per_answer: Optional[int] = typer.Option(None, min=1, help="Principles asked of each answer (default: all)."),
     no_judge: bool = typer.Option(False, "--no-judge", help="Rule-based metrics only (no judge model)."),
@@ -611,22 +615,41 @@ def eval_cmd(
         raise InputError("cai eval: give one of --model SPEC or --responses FILE")
     if adapter is not None and model is None:
         raise InputError("--adapter: needs --model (the base it goes on)")
+    from cai.config import ServerSettings
+    from cai.probes import parse_limit
+
+    picked = {} if limit is None else {"limit": None if limit == "all" else parse_limit(limit)}
     try:
-        settings = evaluate.EvalSettings(probes=probes, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         principles_per_answer=principles_per_answer, judge=not no_judge, gate=gate)
+        settings = evaluate.EvalSettings(probes=probes, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         principles_per_answer=principles_per_answer, judge=not no_judge, gate=gate, **picked)
+        servers = {role: ServerSettings(url=url, model=name) if url else None for role, url, name in (
+            ("engine", engine_url or os.environ.get("CAI_ENGINE_URL"), engine_model),
+            ("judge", judge_url or os.environ.get("CAI_JUDGE_URL"), judge_model))}
     except ValueError as e:
         raise InputError(f"cai eval: {e}") from None
     evaluate.load_gate(settings.gate)  # a bad gate file is refused before any work
     started = time.time()
-    result = evaluate.run_eval(out_dir, model=model, adapter=str(adapter) if adapter else None, responses=responses,
-                               judge=None if no_judge else judge, settings=settings,
-                               constitution=constitution or DEFAULT_CONSTITUTION, seed=seed,
-                               on_step=lambda msg: err.print(shown(msg), markup=False))
+    from cai.server import ServerError
+
+    try:
+        result = _run_eval(evaluate, out_dir, model, adapter, responses, judge, no_judge, settings, constitution, seed, servers)
+    except ServerError as e:  # a server that fails mid-evaluation: one line, nothing half-written is kept as a report
+        raise InputError(f"cai eval: {e}") from None
     word = _print_verdict(result)
     err.print(shown(f"{result['cost']['answers']} answers scored in {time.time() - started:.1f} s; "
                     f"report: {out_dir / 'index.html'}"), markup=False)
     if word == "FAILED":  # a failed gate is a failed evaluation: scripts can stop on it
         raise typer.Exit(1)
+
+
+def _run_eval(evaluate, out_dir, model, adapter, responses, judge, no_judge, settings, constitution, seed, servers):
+    from cai.config import DEFAULT_CONSTITUTION
+
+    return evaluate.run_eval(out_dir, model=model, adapter=str(adapter) if adapter else None, responses=responses,
+                               judge=None if no_judge else judge, settings=settings,
+                               constitution=constitution or DEFAULT_CONSTITUTION, seed=seed,
+                               on_step=lambda msg: err.print(shown(msg), markup=False),
+                               engine=servers["engine"], judge_engine=servers["judge"])
 
 
 @app.command("worker")

@@ -685,9 +685,10 @@ def public_row(r: dict) -> dict:
 
 def run_eval(out_dir: Path, *, model: str | None = None, adapter: str | None = None, responses: Path | None = None,
              judge: str | None = None, settings: EvalSettings | None = None, constitution: str | Path,
-             seed: int = 0, on_step=None) -> dict:
+             seed: int = 0, on_step=None, engine=None, judge_engine=None) -> dict:
     """Evaluate a model (and, with an adapter, the adapter against its base) or a file of given
-    answers, and write the report into out_dir. Returns metrics.json's content."""
+    answers, and write the report into out_dir. Returns metrics.json's content. `engine` and
+    `judge_engine` (ServerSettings) answer and judge through servers instead of in process."""
     from cai import constitution as constitution_mod
     from cai import models, probes as probes_mod, store
     from cai.engine import LocalEngine
@@ -723,8 +724,13 @@ def run_eval(out_dir: Path, *, model: str | None = None, adapter: str | None = N
         for name in policies:
             t = time.time()
             step(f"answering {len(probe_list)} probes with {name}")
-            engine = LocalEngine(*cache.get(model, adapter=adapter if name == "adapter" else None), name=name)
-            mine = answer(engine, probe_list, settings, derive_seed(seed, "evaluate"))
+            if engine is not None:
+                from cai.server import ServerEngine, spec_adapter
+
+                eng = ServerEngine(engine, adapter=adapter if name == "adapter" else spec_adapter(model))
+            else:
+                eng = LocalEngine(*cache.get(model, adapter=adapter if name == "adapter" else None), name=name)
+            mine = answer(eng, probe_list, settings, derive_seed(seed, "evaluate"))
             for r in mine:
                 r["policy"] = name
             score_rules(mine, probes)
@@ -732,16 +738,21 @@ def run_eval(out_dir: Path, *, model: str | None = None, adapter: str | None = N
             timing[f"generate:{name}"] = round(time.time() - t, 2)
         judge = judge or (models.EMBEDDED if models.resolve(model).embedded else models.resolve(model).base)
     if judge and settings.judge:
-        engine = LocalEngine(*cache.get(judge), name="judge")
+        if judge_engine is not None:
+            from cai.server import ServerEngine, spec_adapter
+
+            jeng = ServerEngine(judge_engine, adapter=spec_adapter(judge))
+        else:
+            jeng = LocalEngine(*cache.get(judge), name="judge")
         for name in policies:
             t = time.time()
             step(f"judging {name}'s answers")
             mine = [r for r in rows if r["policy"] == name]
-            score_judge(engine, cons, mine, probes, settings, seed)
+            score_judge(jeng, cons, mine, probes, settings, seed)
             if reference and name != reference:
                 step(f"win rate of {name} vs {reference}")
                 try:
-                    score_wins(engine, cons, mine, [r for r in rows if r["policy"] == reference], LabelSettings(), seed)
+                    score_wins(jeng, cons, mine, [r for r in rows if r["policy"] == reference], LabelSettings(), seed)
                 except InputError as e:  # a constitution without preference questions: no win rate
                     step(f"no win rate: {e.problems[0]}")
             timing[f"judge:{name}"] = round(time.time() - t, 2)

@@ -255,3 +255,14 @@ def test_runtime_lora_off_refused_before_any_work(vllm, tmp_path):
     r = run(["round", "run", "--prompts", "sample", "--limit", "2", "--stages", "respond", "--max-new-tokens", "8",
              "--engine-url", vllm.url, "--out", out], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_cai_eval_through_the_server(vllm, tmp_path):
+    """`cai eval --engine-url` answers the probes through the real vLLM server (issue 17)."""
+    out = tmp_path / "ev"
+    r = run(["eval", "--model", "smollm2-135m", "--engine-url", vllm.url, "--no-judge", "--max-new-tokens", "16",
+             "--limit", "harmful=2,borderline=2,sycophancy=0,helpful=0", "--out", out])
+    assert r.returncode in (0, 1), r.stderr[-2000:]  # 1: the gate failed, which is a verdict, not an error
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["cost"]["answers"] == 4 and m["policies"] == ["model"]
+    assert "Traceback" not in r.stderr

@@ -4,13 +4,9 @@ round's SFT adapter (else the parent's policy) (cai.train.dpo)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cai.stages.training as training
 from cai.stages.base import Ctx
-
-if TYPE_CHECKING:
-    from cai.config import Round
 
 
 def run(ctx: Ctx) -> bool:
@@ -23,5 +19,5 @@ def run(ctx: Ctx) -> bool:
                      j.card(ctx, "DPO policy", {"preferences.jsonl": data}, j.init), sft_adapter=j.init, guard=ctx.guard)
 
 
-def count(rd: Path, cfg: "Round") -> dict:
+def count(rd: Path, cfg) -> dict:
     return training.count(rd, "policy")

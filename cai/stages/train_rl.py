@@ -7,14 +7,10 @@ independent judgement, used only when the judge passed its self-check."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cai.stages.training as training
 from cai import roles, store
 from cai.stages.base import Ctx
-
-if TYPE_CHECKING:
-    from cai.config import Round
 
 
 def _reward(ctx: Ctx):
@@ -62,5 +58,5 @@ def run(ctx: Ctx) -> bool:
                     init_adapter=j.init, reward=reward, judge=judge, guard=ctx.guard)
 
 
-def count(rd: Path, cfg: "Round") -> dict:
+def count(rd: Path, cfg) -> dict:
     return training.count(rd, "rl")

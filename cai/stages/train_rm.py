@@ -4,13 +4,9 @@ on datasets/preferences.jsonl (cai.train.reward)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cai.stages.training as training
 from cai.stages.base import Ctx
-
-if TYPE_CHECKING:
-    from cai.config import Round
 
 
 def run(ctx: Ctx) -> bool:
@@ -23,5 +19,5 @@ def run(ctx: Ctx) -> bool:
                         j.card(ctx, "reward model", {"preferences.jsonl": data}, None), guard=ctx.guard)
 
 
-def count(rd: Path, cfg: "Round") -> dict:
+def count(rd: Path, cfg) -> dict:
     return training.count(rd, "reward")

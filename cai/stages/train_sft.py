@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cai.stages.training as training
 from cai.stages.base import Ctx
-
-if TYPE_CHECKING:
-    from cai.config import Round
 
 
 def run(ctx: Ctx) -> bool:
@@ -21,5 +17,5 @@ def run(ctx: Ctx) -> bool:
                      init_adapter=j.init, guard=ctx.guard)
 
 
-def count(rd: Path, cfg: "Round") -> dict:
+def count(rd: Path, cfg) -> dict:
     return training.count(rd, "sft")
