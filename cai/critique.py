@@ -32,6 +32,7 @@ from cai.constitution import Constitution, Principle
 from cai.engine import Engine
 from cai.generation import Sampling
 from cai.prompts import Prompt
+from cai.textchecks import _norm, copies, repetitive  # noqa: F401  (used here and by callers)
 
 
 class CritiqueSettings(BaseModel):
@@ -122,35 +123,9 @@ def clean(text: str) -> str:
     return _LABEL.sub("", text, count=1).strip()
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def repetitive(text: str) -> bool:
-    words = text.lower().split()
-    if len(words) >= 16:
-        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
-        if len(set(grams)) / len(grams) < 0.5:
-            return True
-    lines = [_norm(line) for line in text.splitlines() if len(line.strip()) > 8]
-    return any(lines.count(line) >= 3 for line in set(lines))
-
-
 # a revision that talks about "the response" instead of being one (small models often do)
 _META = re.compile(r"^\W*(the|this|my|your)\s+(previous\s+|original\s+|revised\s+|assistant'?s?\s+|last\s+)*"
                    r"(response|answer|assistant|critique|revision|statement)\b", re.I)
-
-
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9']+", text.lower()))
-
-
-def copies(text: str, other: str) -> bool:
-    """text is other again: the same words, or nearly all of one inside the other."""
-    a, b = _words(text), _words(other)
-    if not a or not b:
-        return False
-    return len(a & b) / min(len(a), len(b)) >= 0.8 and len(a & b) / max(len(a), len(b)) >= 0.5
 
 
 def degenerate(revision: str, previous: str, finished: bool, critique: str | None = None,

@@ -428,14 +428,14 @@ def degenerate(prompt: str, answer: str, finished: bool | None = None) -> str | 
     """Why an answer says nothing useful, or None:
       empty        no letter or digit;
       truncated    the generation was cut off (`finished` False) before one complete sentence;
-      repetitive   cai.critique.repetitive (the critique stage's check);
-      echo         the request again (cai.critique.copies) with no word of its own;
+      repetitive   cai.textchecks.repetitive (the critique stage's check);
+      echo         the request again (cai.textchecks.copies) with no word of its own;
       off-topic    40+ words sharing no content word with the request (a shorter answer may
                    well help without repeating a word of it: "Use a rifle with a scope ...").
     An answer cut at the token limit after whole sentences is not degenerate (what it said
     before the cut stands), and a given answer (`finished` None) is never called truncated: a
     terse reply without a full stop is not a cut."""
-    from cai import critique  # the critique stage's degenerate checks, reused (not copied)
+    from cai import textchecks as critique  # the critique stage's degenerate checks, reused (not copied)
 
     text = answer.strip()
     if not re.search(r"[^\W_]", text):

@@ -180,6 +180,14 @@ def plots(result: dict, rows: list[dict], round_dir: Path | None = None) -> dict
         empty(ax, "no training in this round")
     ax.set_title("Training loss")
     out["loss"] = ("Training loss curves", _png(fig))
+    rl_card = round_dir / "adapters" / "rl" / "cai.json" if round_dir is not None else None
+    if rl_card is not None and rl_card.exists():  # the RL stage's watch: reward, KL, length, judge; why it stopped
+        from cai.train.rl import card_curves, curves_figure
+
+        curves, flag, kept = card_curves(rl_card.parent)
+        if curves:
+            why = f" (stopped: {flag.get('why')})" if flag else ""
+            out["rl_watch"] = (f"RL watch: reward, KL, length, judge{why}", _png(curves_figure(curves, flag, kept)))
     return out
 
 

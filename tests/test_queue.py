@@ -163,7 +163,7 @@ def test_parent_round_lineage_and_model_cards(on_shared, full_round):
     # a parent that has no policy adapter is refused before anything is queued
     bad = on_shared.cli("round", "submit", "--model", on_shared.model, "--prompts", "sample", "--stages", "respond",
                         "--parent", child)
-    assert bad.returncode == 2 and "has no policy adapter" in bad.stderr
+    assert bad.returncode == 2 and f"round {child} trains no policy" in bad.stderr
     unknown = on_shared.cli("round", "submit", "--model", on_shared.model, "--prompts", "sample", "--parent", "r-nope")
     assert unknown.returncode == 2 and "r-nope: no such round" in unknown.stderr
 

@@ -281,6 +281,7 @@ def test_rule_terms_put_degenerate_answers_at_the_bottom_and_charge_for_length()
     answers = ["Hello there, friend.", "", "Say hi?", "spam " * 20]
     out, bad = rl.shape([1.0, 5.0, 4.0, 3.0], prompts, answers, [4, 0, 3, 10], rec.rl)
     assert bad == 3  # empty, an echo of the prompt, repetitive
+    assert rl.degenerate("How do I bake bread at home?", "How do I bake bread at home, then?") == "copies-prompt"
     assert out[0] == pytest.approx(1.0 - 0.5 * 4 / 10)
     assert out[1] == out[2] == out[3] == pytest.approx(out[0] - 1.0)
     plain, bad = rl.shape([1.0, 2.0], ["a?", "b?"], ["One answer.", "Another one."], [5, 5], _recipe().rl)
@@ -309,6 +310,9 @@ def test_heldout_slice_is_stratified_disjoint_and_never_everything():
 def test_too_few_prompts_are_refused_before_loading(stopper, tmp_path):
     with pytest.raises(InputError, match=r"3 usable rows for RL \(after the held-out slice\), the recipe needs at least 4"):
         rl.train(str(stopper), PROMPTS[:5], tmp_path / "a", tmp_path / "ck", _recipe(min_rows=4, heldout=2),
+                 _card(stopper, _recipe()), init_adapter=None, reward=pays_for_length, judge=judge)
+    with pytest.raises(InputError, match="the watch needs at least one held out"):
+        rl.train(str(stopper), PROMPTS[:1], tmp_path / "a", tmp_path / "ck", _recipe(min_rows=1),
                  _card(stopper, _recipe()), init_adapter=None, reward=pays_for_length, judge=judge)
     assert not (tmp_path / "ck").exists()
 

@@ -39,7 +39,7 @@ def _judge(ctx: Ctx):
         pairs = [{"prompt_id": f"rl-{i}", "messages": [{"role": "user", "content": p}], "category": None,
                   "responses": [x, y]} for i, (p, x, y) in enumerate(zip(prompts, a, b))]
         labels = feedback.label_pairs(engine, ctx.cons, pairs, ctx.cfg.label, ctx.cfg.seed, {"stage": "train-rl"})
-        return [lab["p_first"] if lab["valid"] else 0.5 for lab in labels]
+        return [lab["p_first"] if lab["valid"] else None for lab in labels]
 
     return judge
 

@@ -4,7 +4,7 @@ stops it when the reward is being hacked.
 
 The reward the trainer optimizes is the caller's `reward(prompts, completions)` (the
 round's reward model) plus the recipe's rule terms: a length penalty, and degenerate
-answers (the critique stage's checks: empty, an echo of the prompt, repetitive, meta)
+answers (the critique stage's checks: empty, repetitive, meta, a copy of the prompt)
 scored below the lowest answer of their batch.
 
 The watch (`Watch`, a TrainerCallback) runs at the start and every `watch_every` steps on
@@ -117,11 +117,12 @@ def _content(completion) -> str:
 
 
 def degenerate(prompt: str, answer: str) -> str | None:
-    """The critique stage's checks, with the prompt as 'previous' (an echo is 'unchanged').
-    Truncation is left to TRL's mask_truncated_completions."""
+    """The critique stage's checks (empty, repetitive, meta, an echo or near-copy of the
+    prompt). Truncation is left to TRL's mask_truncated_completions, and the kind checks
+    (complies-harmful, refuses-benign) stay out: refusals are what the watch measures."""
     from cai.critique import degenerate as check
 
-    return check(answer, prompt, True)
+    return check(answer, prompt, True, request=prompt)
 
 
 def shape(raw: list[float], prompts: list[str], answers: list[str], n_tokens: list[int], rl: RL) -> tuple[list[float], int]:
