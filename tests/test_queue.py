@@ -160,10 +160,12 @@ def test_parent_round_lineage_and_model_cards(on_shared, full_round):
     assert rows[child]["lineage"] == [child, parent] and rows[parent]["status"] == "succeeded"
     text = on_shared.cli("round", "list")
     assert text.returncode == 0 and child in text.stdout
-    # a parent that has no policy adapter is refused before anything is queued
-    bad = on_shared.cli("round", "submit", "--model", on_shared.model, "--prompts", "sample", "--stages", "respond",
-                        "--parent", child)
-    assert bad.returncode == 2 and f"round {child} trains no policy" in bad.stderr
+    # the child's policy for a next round is the adapter of its last policy-making stage (the rows say which)
+    from cai import plan, stages
+
+    child_dir = on_shared.store / "rounds" / child
+    made = stages.next_policy(child_dir, plan.load_config(child_dir).stages)
+    assert made is not None and (child_dir / made / "adapter_config.json").exists()
     unknown = on_shared.cli("round", "submit", "--model", on_shared.model, "--prompts", "sample", "--parent", "r-nope")
     assert unknown.returncode == 2 and "r-nope: no such round" in unknown.stderr
 
