@@ -153,6 +153,11 @@ def degenerate(revision: str, previous: str, finished: bool, critique: str | Non
     return kind_misfit(revision, category) if category else None
 
 
+def _request(row: dict) -> str:
+    """The user's words of a row's conversation (what an echo would copy)."""
+    return " ".join(m["content"] for m in row["messages"] if m["role"] == "user")
+
+
 def critique_revise(engine: Engine, constitution: Constitution, responses: list[dict], settings: CritiqueSettings,
                     sampling: Sampling, provenance: dict) -> tuple[list[dict], list[dict]]:
     """Stage 2: n passes of critique then revision for a shard, batched per step.
@@ -185,8 +190,7 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
         for i, (r, p, c) in enumerate(zip(responses, principles, critiques)):
             tried = [(clean(v.text), v) for v in drawn[i * k : (i + 1) * k]]
             cat = r.get("category") if settings.fit_kind else None
-            ask = " ".join(m["content"] for m in r["messages"] if m["role"] == "user")
-            verdicts = [degenerate(t, current[i], v.finished, clean(c.text), examples, cat, ask) for t, v in tried]
+            verdicts = [degenerate(t, current[i], v.finished, clean(c.text), examples, cat, _request(r)) for t, v in tried]
             pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
             text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]
             crit_rows.append({
@@ -248,8 +252,7 @@ def principle_driven(engine: Engine, constitution: Constitution, responses: list
             text = v.text.strip()
             cut = None if v.finished else trim_to_sentence(text)
             tried.append((cut, dataclasses.replace(v, finished=True)) if cut else (text, v))
-        ask = " ".join(m["content"] for m in r["messages"] if m["role"] == "user")
-        verdicts = [degenerate(t, r["response"], v.finished, None, (), cat, ask) for t, v in tried]
+        verdicts = [degenerate(t, r["response"], v.finished, None, (), cat, _request(r)) for t, v in tried]
         pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
         text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]
         crit_rows.append({"prompt_id": r["prompt_id"], "pass": 0, "principle": "all", "before": r["response"],
