@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -161,6 +162,14 @@ class Cluster:
         for k in ("CAI_REDIS_URL", "CAI_STORE", *FAST):
             monkeypatch.setenv(k, self.env[k])
         settings.cache_clear()
+        app_module = sys.modules.get("workers.app")
+        if app_module is not None:  # the Celery app read its broker at import: point it here, drop the old pools
+            app = app_module.app
+            app.close()
+            app.conf.broker_url = app.conf.result_backend = self.redis.url
+            app._local = threading.local()  # the result backend is cached per thread
+            if "amqp" in app.__dict__:
+                app.amqp._producer_pool = None
 
     def round_dir(self, round_id: str) -> Path:
         return self.store / "rounds" / round_id
