@@ -403,7 +403,7 @@ def test_refusal_judge_agreement_on_the_labeled_answers(embedded_dir):
     from cai.engine import LocalEngine
     from cai.refusal import agreement, detect, judge_refusals
 
-    rows = jsonl(DATA / "refusal_labeled.jsonl")
+    rows = jsonl(DATA / "refusal_labeled.jsonl")[::4]  # every 4th: tests/bench/bench_refusal_judge.py prints the figure on all
     engine = LocalEngine(*models.load("smollm2-135m"))
     p = judge_refusals(engine, [([{"role": "user", "content": r["prompt"]}], r["response"]) for r in rows])
     truth = [r["label"] for r in rows]

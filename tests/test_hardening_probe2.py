@@ -327,7 +327,7 @@ def test_a_worker_in_another_store_says_so_and_a_relative_store_is_refused(clust
     assert c.redis.client.hget(keys.round_state(rid), "store") == str(c.store)
     assert json.loads((c.store / "store.json").read_text())["id"] == c.redis.client.hget(keys.round_state(rid), "store_id")
     other = tmp_path / "elsewhere"
-    c.worker("lost", CAI_STORE=str(other))  # a wrong mount: a store that is not the client's
+    lost = c.worker("lost", CAI_STORE=str(other))  # a wrong mount: a store that is not the client's
     st = wait_for(lambda: (s := json.loads(c.cli("round", "status", rid, "--json").stdout))["error"] and s, 60,
                   "status to say the worker can't find the round")
     assert st["status"] == "queued"
@@ -345,7 +345,9 @@ def test_a_worker_in_another_store_says_so_and_a_relative_store_is_refused(clust
         watch.kill()
         watch.wait()
     assert c.redis.client.sismember(keys.ACTIVE, rid)  # the reconciler of the lost worker keeps it
-    c.worker("found")  # the right store: the round is sent again and runs
+    lost.terminate()  # the mount is fixed and the worker restarted: the round is sent again and runs
+    lost.wait(30)
+    c.worker("found")
     wait_for(lambda: json.loads(c.cli("round", "status", rid, "--json").stdout)["status"] == "succeeded", 120, "the round")
     # a relative CAI_STORE: a worker or a client would each read it from its own folder
     for args in (("worker",), ("round", "submit", "--prompts", "sample")):
