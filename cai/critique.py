@@ -41,7 +41,8 @@ class CritiqueSettings(BaseModel):
     passes: int = Field(2, ge=1, le=8)
     few_shot: int = Field(4, ge=0, description="How many of the constitution's worked examples go in front.")
     drop_degenerate: bool = True
-    revision_candidates: int = Field(1, ge=1, le=8, description="Revisions sampled per request; the first usable one is kept.")
+    revision_candidates: int = Field(1, ge=1, le=8, description="Revisions sampled per request; the first usable one is kept "
+                                     "(principle-driven: the extra ones are drawn only where the first did not fit).")
     mode: Literal["revise", "principle-driven"] = Field(
         "revise", description="revise: critique then revise the policy's answer; principle-driven: the critic answers "
                               "with the constitution's principles as its system prompt.")
@@ -236,28 +237,41 @@ def trim_to_sentence(text: str, min_chars: int = 40) -> str | None:
 
 def principle_driven(engine: Engine, constitution: Constitution, responses: list[dict], settings: CritiqueSettings,
                      sampling: Sampling, provenance: dict) -> tuple[list[dict], list[dict]]:
-    """The critic answers each prompt under the constitution's principles (system prompt),
-    k candidates in one batch; the first usable one that fits the prompt's kind is kept.
+    """The critic answers each prompt under the constitution's principles (system prompt):
+    one candidate for every prompt in one batch, then, for the prompts where it did not fit
+    (degenerate, or the wrong kind: most often a harmful request complied with), the other
+    k-1 candidates in a second batch; the first usable one is kept. Drawing the extra
+    candidates only where they are needed costs a fraction of k per prompt.
     Returns (sft_rows, critique_rows) like critique_revise (one row per prompt, pass 0)."""
     system = principles_prompt(constitution)
     k = settings.revision_candidates
     convs = [[{"role": "system", "content": system}] + [m for m in r["messages"] if m["role"] != "system"]
              for r in responses]
-    drawn = engine.generate([c for c in convs for _ in range(k)], sampling.derived("principle-driven"))
-    sft_rows, crit_rows = [], []
-    for i, r in enumerate(responses):
-        cat = r.get("category") if settings.fit_kind else None
-        tried = []
-        for v in drawn[i * k : (i + 1) * k]:
+    cats = [r.get("category") if settings.fit_kind else None for r in responses]
+
+    def judged(r: dict, cat: str | None, drawn: list) -> list[tuple[str, object, str | None]]:
+        out = []
+        for v in drawn:
             text = v.text.strip()
             cut = None if v.finished else trim_to_sentence(text)
-            tried.append((cut, dataclasses.replace(v, finished=True)) if cut else (text, v))
-        verdicts = [degenerate(t, r["response"], v.finished, None, (), cat, _request(r)) for t, v in tried]
-        pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
-        text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]
+            text, v = (cut, dataclasses.replace(v, finished=True)) if cut else (text, v)
+            out.append((text, v, degenerate(text, r["response"], v.finished, None, (), cat, _request(r))))
+        return out
+
+    first = engine.generate(convs, sampling.derived("principle-driven"))
+    tried = [judged(r, c, [g]) for r, c, g in zip(responses, cats, first)]
+    again = [i for i, t in enumerate(tried) if t[0][2] is not None] if k > 1 else []
+    if again:
+        more = engine.generate([convs[i] for i in again for _ in range(k - 1)], sampling.derived("principle-driven", "again"))
+        for n, i in enumerate(again):
+            tried[i] += judged(responses[i], cats[i], more[n * (k - 1) : (n + 1) * (k - 1)])
+    sft_rows, crit_rows = [], []
+    for i, r in enumerate(responses):
+        pick = next((j for j, t in enumerate(tried[i]) if t[2] is None), 0)
+        text, v, why = tried[i][pick]
         crit_rows.append({"prompt_id": r["prompt_id"], "pass": 0, "principle": "all", "before": r["response"],
                           "critique": None, "revision": text, "revision_tokens": v.n_tokens, "degenerate": why,
-                          "candidates": k, "source": "principle-driven", "provenance": provenance})
+                          "candidates": len(tried[i]), "source": "principle-driven", "provenance": provenance})
         if why is not None and settings.drop_degenerate:
             continue
         sft_rows.append({
