@@ -678,7 +678,8 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
          ) -> None:
     """The service on this machine: fetch the embedded teacher (once), start Redis (if none
     answers) and a worker, queue a teacher round (student smollm2-135m, critic qwen2.5-0.5b)
-    on the demo prompts, watch it, pull it, and print what changed."""
+    on the demo prompts, watch it, pull it, and print what changed. Exits 0 when the round
+    ends succeeded or gated (the summary says which and why), 1 when it fails."""
     from cai import embedded, store
     from cai.config import RoundConfig
     from cai.critique import CritiqueSettings
@@ -716,7 +717,9 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
         dest = to / round_id
         store.pull(store.round_path(round_id), dest)
         _print_summary(dest, final)
-        if final != "succeeded":
+        if final == "gated":  # the loop ran to the end and the gate did its work: a result, not a crash
+            out.print("  the gate held this round's policy back (it would not become a parent); the report says why")
+        elif final != "succeeded":
             raise typer.Exit(1)
     finally:
         client.stop(worker_proc)
