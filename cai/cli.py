@@ -357,7 +357,7 @@ def round_status(round_id: str = typer.Argument(..., metavar="ID"),
     for u in st["units"]:
         if u["state"] == "running":
             out.print(shown(f"  {u['unit']}: running on {u['worker']} for {u['running_s']:g} s (attempt {u['attempts']}, "
-                            f"token {u['token']})"), markup=False)
+                            f"token {u['token']})" + (f"; {u['waiting_on']}" if u.get("waiting_on") else "")), markup=False, soft_wrap=True)
 
 
 def _watch(round_id: str, interval: float = 1.0) -> str:

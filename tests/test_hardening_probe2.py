@@ -464,3 +464,26 @@ def test_force_over_a_gated_parent_is_recorded(cluster, tiny_model_dir, tmp_path
     assert submitted and submitted[0]["forced_parent"]["parent"] == rid
     plain = c.submit("--prompts", "sample", "--limit", "1", "--stages", "respond")
     assert not (c.round_dir(plain) / "inputs" / "parent_override.json").exists()
+
+
+def test_status_says_which_server_a_running_unit_waits_on(cluster):
+    """The holder's heartbeat writes what the unit waits on (cai.server.waiting_on in a worker)
+    beside its lease; `round status` shows it on the unit's line, and it goes with the lease."""
+    from workers import keys
+    from workers.lease import Lease
+
+    c = cluster()
+    rid = c.submit("--prompts", "sample", "--limit", "1", "--stages", "respond", *SMALL)
+    note = "waiting on http://10.0.0.7:8000/v1/chat/completions since 12:00:01 UTC, 16 requests in flight"
+    lease = Lease.acquire(c.redis.client, rid, "respond/0000", "w@test", "t1", ttl=5)
+    lease.start_heartbeat(0.2, note=lambda: note)
+    try:
+        wait_for(lambda: c.redis.client.get(keys.waiting(rid, "respond/0000")), 10, "the heartbeat's note")
+        r = c.cli("round", "status", rid)
+        line = next(x for x in r.stdout.splitlines() if "respond/0000: running on w@test" in x)
+        assert line.endswith(f"; {note}"), r.stdout
+        st = json.loads(c.cli("round", "status", rid, "--json").stdout)
+        assert next(u for u in st["units"] if u["unit"] == "respond/0000")["waiting_on"] == note
+    finally:
+        lease.release()
+    assert c.redis.client.get(keys.waiting(rid, "respond/0000")) is None

@@ -39,6 +39,11 @@ def unseen(round_id: str) -> str:
     return f"cai:unseen:{round_id}"
 
 
+def waiting(round_id: str, unit: str) -> str:
+    """String: what the unit's holder is waiting on (a server request, since when), with the lease's TTL."""
+    return f"cai:waiting:{round_id}:{unit}"
+
+
 def lease(round_id: str, unit: str) -> str:
     """String "<token>|<worker>|<task id>|<started>" with a TTL, renewed by the holder's heartbeat."""
     return f"cai:lease:{round_id}:{unit}"

@@ -83,15 +83,23 @@ class Lease:
             self._thread.join(timeout=5)
         try:
             self.r.eval(_RELEASE, 1, keys.lease(self.round_id, self.unit), self.value)
+            self.r.delete(keys.waiting(self.round_id, self.unit))
         except Exception:
             pass  # it expires on its own
 
-    def start_heartbeat(self, every: float) -> None:
+    def start_heartbeat(self, every: float, note=None) -> None:
+        """Renew every `every` s; `note()` (what the work waits on, or None) is written beside
+        the lease with the same TTL, so status can say it."""
         def beat() -> None:
             while not self._stop.wait(every):
                 try:
                     if not self._check():
                         return  # someone holds a newer token: stop renewing, the commit will be refused
+                    said = note() if note else None
+                    if said:
+                        self.r.set(keys.waiting(self.round_id, self.unit), said, px=int(self.ttl * 1000))
+                    elif note:
+                        self.r.delete(keys.waiting(self.round_id, self.unit))
                 except Exception:
                     pass  # Redis away: keep trying; the fence decides at commit time
 

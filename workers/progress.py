@@ -36,10 +36,11 @@ def status(round_id: str) -> dict:
     for u in pending:
         pipe.get(keys.lease(round_id, u.key))
         pipe.exists(keys.queued(round_id, u.key))
+        pipe.get(keys.waiting(round_id, u.key))
     unseen, attempts, *answers = pipe.execute()
     problem = problem_of(state_hash, unseen)
     attempts = {k: int(v) for k, v in attempts.items()}
-    live = {u.key: (answers[2 * i], answers[1 + 2 * i]) for i, u in enumerate(pending)}
+    live = {u.key: tuple(answers[3 * i : 3 * i + 3]) for i, u in enumerate(pending)}
     now = time.time()
     units = []
     for u in all_units:
@@ -49,7 +50,7 @@ def status(round_id: str) -> dict:
         elif (v := live[u.key][0]) is not None:
             lease = parse(v)
             entry.update(state="running", worker=lease["worker"], token=lease["token"],
-                         running_s=round(now - lease["started"], 1))
+                         running_s=round(now - lease["started"], 1), waiting_on=live[u.key][2])
         elif live[u.key][1]:
             entry["state"] = "queued"
         elif all(n.key in done for n in plan.needs(rd, u, cfg)):

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai import plan, rounds, store
+from cai import plan, rounds, server, store
 from cai.models import ModelCache
 from cai.stages import ROW
 from cai.errors import InputError
@@ -439,7 +439,7 @@ def work(round_id: str, unit: plan.Unit, cache: ModelCache, worker: str, task_id
         event(round_id, "started", unit=unit.key, worker=worker, token=lease.token, attempt=n)
         if r.hget(keys.round_state(round_id), "status") == "queued":
             _mark_running(round_id, rd)
-        lease.start_heartbeat(s.heartbeat)
+        lease.start_heartbeat(s.heartbeat, note=server.waiting_on)
         faults.before_run(unit.key)
         meta = {"runner": "queue", "worker": worker, "task_id": task_id, "token": lease.token, "attempt": n}
         try:
