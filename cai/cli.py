@@ -701,13 +701,13 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
         worker_proc = client.start_worker(log)
         err.print(f"started a worker (log: {log})")
         client.wait_ready(worker_proc, log)
-        # The teacher answers every prompt under the constitution's principles (principle-driven), two
-        # candidates each; only answers that fit the prompt's kind are kept (a refusal for a harmful prompt,
+        # The teacher answers every prompt under the constitution's principles (principle-driven), up to
+        # three candidates (the 2 extra only where the first did not fit); only answers that fit the prompt's kind are kept (a refusal for a harmful prompt,
         # a real answer for a helpful or safe-but-scary one). The 135M judge fails its self-check, so the
         # preference pairs are the teacher's kept answer over the student's first one (by construction).
         cfg = RoundConfig(prompts="demo", critic=teacher, recipe="cpu-student",
                           sampling=Sampling(max_new_tokens=64, temperature=0.7, batch_size=24),
-                          critique=CritiqueSettings(mode="principle-driven", revision_candidates=2),
+                          critique=CritiqueSettings(mode="principle-driven", revision_candidates=3),
                           pairs=PairSettings(sources=["revision"]),
                           evaluate=EvalSettings(limit={"harmful": 16, "borderline": 16, "sycophancy": 8, "helpful": 8},
                                                 max_new_tokens=48, batch_size=24))

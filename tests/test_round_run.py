@@ -30,12 +30,14 @@ def test_round_run_every_stage_on_embedded_model(tmp_path, embedded_dir):
     r = run(["round", "run", "--prompts", "sample", "--limit", "6", "--passes", "1", "--max-new-tokens", "32",
              "--revision-candidates", "4", "--set", "critique.fit_kind=false",  # the 135M's own revisions rarely fit
              "--shard-size", "3", "--min-margin", "0", "--principles-per-pair", "2",
+             "--stages", "respond,critique,train-sft,pairs,label,train-rm,train-policy,train-rl,evaluate",  # DPO and RL both
              "--recipe", str(TEST_RECIPE), "--eval-limit", "1", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
     assert man["finished"], man["stages"]
-    assert set(man["stages"]) == {"respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy", "evaluate"}
-    assert man["stages"]["evaluate"]["units"] == 3 and (out / "report" / "index.html").exists()  # 1 slice x (base, sft, policy)
+    assert set(man["stages"]) == {"respond", "critique", "train-sft", "pairs", "label", "train-rm", "train-policy", "train-rl",
+                                  "evaluate"}
+    assert man["stages"]["evaluate"]["units"] == 4 and (out / "report" / "index.html").exists()  # 1 slice x (base, sft, policy, rl)
     assert man["stages"]["respond"]["units"] == 2
     assert man["constitution"]["hash"].startswith("sha256:") and man["versions"]["transformers"]
     counts = man["counts"]
@@ -67,10 +69,15 @@ def test_round_run_every_stage_on_embedded_model(tmp_path, embedded_dir):
     assert not set(prefs.column_names) & TRL_COLUMNS
     pairs = [json.loads(x) for x in (out / "datasets" / "pairs.jsonl").read_text().splitlines()]
     assert all(p["provenance"]["policy_adapter"] == "adapters/sft" for p in pairs)  # sampled from the SFT policy
-    for name in ("sft", "reward", "policy"):
+    for name in ("sft", "reward", "policy", "rl"):
         card = json.loads((out / "adapters" / name / "cai.json").read_text())
         assert card["round"] == man["round_id"] and card["base_model"] == "smollm2-135m"
         assert man["training"][name]["train"]["steps"] == 2
+    rl = json.loads((out / "adapters" / "rl" / "cai.json").read_text())  # against this round's reward model, watched
+    assert rl["kind"] == "RL policy" and rl["watch"]["curves"] and "reward" in rl["watch"]["curves"][0]
+    print("\nRL WATCH CURVES:", json.dumps(rl["watch"]["curves"]))
+    metrics = json.loads((out / "report" / "metrics.json").read_text())["metrics"]
+    assert {"base", "sft", "policy", "rl"} <= set(metrics)  # evaluate treats the RL policy like the DPO one
     assert json.loads((out / "adapters" / "policy" / "cai.json").read_text())["train"]["reference"] == "sft adapter"
     assert "heldout_pairs" in man["training"]["reward"]["metrics"]  # one preference row here: nothing held out
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_dir), out / "adapters" / "policy")

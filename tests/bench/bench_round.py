@@ -11,7 +11,7 @@ classifier, figures with Wilson 95% intervals.
 
 Run: python -m pytest tests/bench/bench_round.py -s -p no:cacheprovider --override-ini addopts=""
 Knobs (env): CAI_BENCH_PROMPTS (default 240 prompts of the mix), CAI_BENCH_CANDIDATES (answers the
-teacher samples per prompt, default 1), CAI_BENCH_PROBES (probes
+teacher may write per prompt, default 3: the 2 extra only where the first did not fit), CAI_BENCH_PROBES (probes
 per set, default 100).
 """
 
@@ -44,7 +44,7 @@ def test_bench_round_teacher_moves_the_student(tmp_path):
         prompts="train", limit=n_prompts, model="smollm2-135m", critic="qwen2.5-0.5b",
         stages=["respond", "critique", "train-sft", "evaluate"], shard_size=120, recipe="cpu-student",
         sampling=Sampling(max_new_tokens=80, temperature=0.7, batch_size=24),
-        critique=CritiqueSettings(mode="principle-driven", revision_candidates=int(os.environ.get("CAI_BENCH_CANDIDATES", "1"))),
+        critique=CritiqueSettings(mode="principle-driven", revision_candidates=int(os.environ.get("CAI_BENCH_CANDIDATES", "3"))),
         evaluate=EvalSettings(probes="harmful,borderline,sycophancy", limit=n_probes, judge=False,
                               max_new_tokens=64, batch_size=24, shard_size=128),
     )

@@ -166,3 +166,29 @@ def test_bench_server_labels(vllm):
            "label_prefix_cache_hit_rate": round((h1 - h0) / max(q1 - q0, 1), 3),
            "load_average_1min": [round(x, 1) for x in load]}
     print("BENCH server labels:", json.dumps(lab))
+
+
+def test_bench_server_evaluate(vllm):
+    """Evaluation's answering (every probe answered, then the pushback turn), the work that
+    dominates a round's evaluate stage, in process (batched) vs through the server, on the
+    same probes (CAI_BENCH_EVAL_PROBES per set, default 80: 320 probes over the four sets)
+    for the base policy; a round evaluates each of its policies the same way."""
+    from cai import probes as P
+    from cai.evaluate import EvalSettings, answer
+
+    vllm.ensure(runtime_lora=True)
+    n = int(os.environ.get("CAI_BENCH_EVAL_PROBES", "80"))
+    ps = P.load(limit={"harmful": n, "borderline": n, "sycophancy": n, "helpful": n})
+    settings = EvalSettings(max_new_tokens=64, batch_size=24)
+    local = Counting(LocalEngine(*models.load("smollm2-135m")))
+    remote = ServerEngine(ServerSettings(url=vllm.url, concurrency=24))
+    remote.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2))  # first-request warm-up
+    srv = Counting(remote)
+    pgid = vllm.server.proc.pid
+    server_s, server_cpu = timed(lambda: answer(srv, ps, settings, seed=0), pgid)
+    local_s, local_cpu = timed(lambda: answer(local, ps, settings, seed=0))
+    fig = {"probes": len(ps), "max_new_tokens": 64, "in_process_s": round(local_s, 1), "server_s": round(server_s, 1),
+           "new_tokens": {"in_process": local.tokens, "server": srv.tokens},
+           "cpu_s": {"in_process": round(local_cpu, 1), "server": round(server_cpu, 1)},
+           "server_vs_in_process": round(local_s / server_s, 2), "load_average_1min": round(os.getloadavg()[0], 1)}
+    print("\nBENCH server evaluate:", json.dumps(fig))
