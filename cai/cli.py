@@ -717,6 +717,8 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
         dest = to / round_id
         store.pull(store.round_path(round_id), dest)
         _print_summary(dest, final)
+        out.print("  a walk-through of the loop: 24 prompts and 16 probes a set move a 135M student little and a "
+                  "verdict turns on a probe or two; a full round's measured effect is the README's headline (tests/bench/bench_round.py)")
         if final == "gated":  # the loop ran to the end and the gate did its work: a result, not a crash
             out.print("  the gate held this round's policy back (it would not become a parent); the report says why")
         elif final != "succeeded":
@@ -741,7 +743,8 @@ def _print_summary(rd: Path, status: str) -> None:
     c = man.get("counts", {})
     out.print(f"\n[bold]round {shown(man['round_id'], True)}: {status}[/bold]  ({shown(rd, True)})")
     out.print(f"  SFT rows {c.get('sft_rows', 0)} of {c.get('prompts', 0)} prompts; kept preference pairs "
-              f"{(c.get('judge') or {}).get('kept', c.get('pairs', 0))}; dropped texts: {shown(c.get('revisions_degenerate') or {}, True)}")
+              f"{(c.get('judge') or {}).get('kept', c.get('pairs', 0))}; dropped texts: "
+              f"{shown(', '.join(f'{k} {v}' for k, v in (c.get('revisions_degenerate') or {}).items()) or 'none', True)}")
     mpath = rd / "report" / "metrics.json"
     if not mpath.exists():
         return
