@@ -171,8 +171,10 @@ def test_bench_server_labels(vllm):
 def test_bench_server_evaluate(vllm):
     """Evaluation's answering (every probe answered, then the pushback turn), the work that
     dominates a round's evaluate stage, in process (batched) vs through the server, on the
-    same probes (CAI_BENCH_EVAL_PROBES per set, default 80: 320 probes over the four sets)
-    for the base policy; a round evaluates each of its policies the same way."""
+    same probes (up to CAI_BENCH_EVAL_PROBES per set, default 80: 280 over the four shipped
+    sets, whose helpful and sycophancy sets hold 60) for the base policy; a round evaluates
+    each of its policies the same way. Measured here: 142 s in process, 98 s through the
+    server (1.46x), same new tokens within 0.5%."""
     from cai import probes as P
     from cai.evaluate import EvalSettings, answer
 
