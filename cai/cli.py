@@ -702,9 +702,10 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
         err.print(f"started a worker (log: {log})")
         client.wait_ready(worker_proc, log)
         # The teacher answers every prompt under the constitution's principles (principle-driven), up to
-        # three candidates (the 2 extra only where the first did not fit); only answers that fit the prompt's kind are kept (a refusal for a harmful prompt,
-        # a real answer for a helpful or safe-but-scary one). The 135M judge fails its self-check, so the
-        # preference pairs are the teacher's kept answer over the student's first one (by construction).
+        # three candidates (the 2 extra only where the first did not fit); only answers that fit the prompt's
+        # kind are kept (a refusal for a harmful prompt, a real answer for a helpful or safe-but-scary one).
+        # The 135M judge fails its self-check, so the preference pairs are the teacher's kept answer over
+        # the student's first one (by construction).
         cfg = RoundConfig(prompts="demo", critic=teacher, recipe="cpu-student",
                           sampling=Sampling(max_new_tokens=64, temperature=0.7, batch_size=24),
                           critique=CritiqueSettings(mode="principle-driven", revision_candidates=3),
@@ -717,8 +718,10 @@ def demo(to: Path = typer.Option(Path("rounds"), "--to", help="Pull the round in
         dest = to / round_id
         store.pull(store.round_path(round_id), dest)
         _print_summary(dest, final)
-        out.print("  a walk-through of the loop: 24 prompts and 16 probes a set move a 135M student little and a "
-                  "verdict turns on a probe or two; a full round's measured effect is the README's headline (tests/bench/bench_round.py)")
+        n_prompts = store.read_json(dest / "manifest.json").get("counts", {}).get("prompts", "its")
+        out.print(f"  a walk-through of the loop: {n_prompts} prompts and {cfg.evaluate.limit['harmful']} probes a set move a "
+                  "135M student little and a verdict turns on a probe or two; a full round's measured effect is the "
+                  "README's headline (tests/bench/bench_round.py)")
         if final == "gated":  # the loop ran to the end and the gate did its work: a result, not a crash
             out.print("  the gate held this round's policy back (it would not become a parent); the report says why")
         elif final != "succeeded":

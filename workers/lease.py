@@ -91,6 +91,7 @@ class Lease:
         """Renew every `every` s; `note()` (what the work waits on, or None) is written beside
         the lease with the same TTL, so status can say it."""
         def beat() -> None:
+            noted = False  # a note is in Redis: delete it once there is nothing to say
             while not self._stop.wait(every):
                 try:
                     if not self._check():
@@ -98,8 +99,9 @@ class Lease:
                     said = note() if note else None
                     if said:
                         self.r.set(keys.waiting(self.round_id, self.unit), said, px=int(self.ttl * 1000))
-                    elif note:
+                    elif noted:
                         self.r.delete(keys.waiting(self.round_id, self.unit))
+                    noted = bool(said)
                 except Exception:
                     pass  # Redis away: keep trying; the fence decides at commit time
 
