@@ -262,8 +262,10 @@ def test_task_that_always_kills_its_worker_fails_the_round_and_drains(cluster):
     rd = c.round_dir(round_id)
     rec = json.loads((rd / "work" / "attempts" / "respond-0000.json").read_text())
     assert rec["attempts"] == 4 and [("ended" in h) for h in rec["history"]] == [False, False, False, True]
-    man = json.loads((rd / "manifest.json").read_text())
-    assert man["status"] == "failed" and "gave up" in man["error"]
+    # Redis says failed first, the store right after (set_status): wait for the manifest, don't race it
+    man = wait_for(lambda: (m := json.loads((rd / "manifest.json").read_text()))["status"] == "failed" and m, 10,
+                   "the manifest to say failed")
+    assert "gave up" in man["error"]
     wait_for(lambda: not messages_of(c, round_id), 30, "the round's queued work to drain")
     w = c.cli("round", "watch", round_id)
     assert w.returncode == 1 and "gave up after 3 attempts" in w.stderr
