@@ -26,6 +26,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+class Scripted:
+    """The engine seam with texts given in order, one per conversation: a fault-free stand-in
+    for a model, so a stage's filters are tested on exactly the texts a test writes. A
+    critique request (critique-and-revise) is answered with `critique` and consumes nothing.
+    `calls` keeps every batch it was asked."""
+
+    name = "scripted"
+
+    def __init__(self, texts: list[tuple[str, bool]], critique: str = "The answer could be safer.") -> None:
+        self.texts, self.critique, self.calls = list(texts), critique, []
+
+    def generate(self, conversations, sampling, *, prefixes=None):
+        from cai.generation import Generation
+
+        self.calls.append(conversations)
+        if conversations and conversations[0][-1]["content"].startswith("Critique request"):
+            return [Generation(self.critique, len(self.critique.split()), True) for _ in conversations]
+        out, self.texts = self.texts[: len(conversations)], self.texts[len(conversations):]
+        assert len(out) == len(conversations), "the script ran out of texts"
+        return [Generation(t, len(t.split()), f) for t, f in out]
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     from cai import models
@@ -181,6 +203,57 @@ class Cluster:
                 proc.wait()
         self.redis.proc.kill()
         self.redis.proc.wait()
+
+
+class InProcessWorker:
+    """The worker's unit logic in this process, against a cluster's real Redis (arq's way of
+    testing a worker): it takes the messages `workers.service.enqueue` sent off the Celery
+    queues in Redis, oldest first, decodes them as the task does, and calls
+    `workers.service.work`; an outcome with `retry_in` goes back on its queue. No Celery
+    worker, no subprocess: a test can step a round one delivery at a time, deliver a message
+    twice, or hold a lease itself. Call the cluster's `activate` first (the fixture does)."""
+
+    def __init__(self, cluster: Cluster, name: str = "inproc") -> None:
+        from cai.models import ModelCache
+
+        self.redis, self.name, self.cache, self.delivered = cluster.redis.client, name, ModelCache(), []
+
+    def take(self) -> tuple[str, str, dict] | None:
+        """The oldest message on any cai queue: (queue, raw message, the task's args), or None."""
+        import base64
+        import json
+
+        from workers import keys
+
+        for q in keys.QUEUES:
+            raw = self.redis.rpop(q)  # kombu's Redis transport LPUSHes and BRPOPs: the right end is the oldest
+            if raw:
+                msg = json.loads(raw)
+                args, _kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
+                return q, raw, {"task": msg["headers"]["task"], "id": msg["headers"]["id"], "args": args}
+        return None
+
+    def deliver(self, args: list, task_id: str = "t"):
+        """One delivery of a task's arguments, as workers.tasks turns a message into a call."""
+        from cai.plan import Unit
+        from workers import service
+
+        round_id, stage, *shard = args
+        unit = Unit(stage=stage, shard=shard[0] if shard else None)
+        out = service.work(round_id, unit, self.cache, self.name, task_id)
+        self.delivered.append((unit.key, out.result))
+        return out
+
+    def drain(self, limit: int = 200) -> list[tuple[str, str]]:
+        """Deliver messages until none is left (a retry goes back on its queue); what was delivered."""
+        for _ in range(limit):
+            got = self.take()
+            if got is None:
+                return self.delivered
+            q, raw, msg = got
+            if self.deliver(msg["args"], msg["id"]).retry_in is not None:
+                self.redis.lpush(q, raw)
+        raise AssertionError(f"still messages after {limit} deliveries: {self.delivered[-10:]}")
 
 
 @pytest.fixture

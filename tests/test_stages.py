@@ -13,26 +13,11 @@ import pytest
 from cai import constitution as C
 from cai import prompts as P
 from cai.critique import CritiqueSettings, critique_revise
-from cai.generation import Generation, Sampling
-from tests.conftest import REPO
+from cai.generation import Sampling
+from tests.conftest import REPO, Scripted
 from tests.test_constitution import DEFAULT
 
 CAI = [sys.executable, "-m", "cai.cli"]
-
-
-class ScriptedEngine:
-    """Answers critique requests with a fixed critique and revision requests from a script
-    of revisions (one per call), so what happens to each revision is known."""
-
-    def __init__(self, revisions: list[tuple[str, bool]]):
-        self.revisions = list(revisions)
-
-    def generate(self, conversations, sampling, *, prefixes=None):
-        last = [c[-1]["content"] for c in conversations]
-        if last[0].startswith("Critique request"):
-            return [Generation("The answer could be safer.", 6, True) for _ in conversations]
-        text, finished = self.revisions.pop(0)
-        return [Generation(text, len(text.split()), finished) for _ in conversations]
 
 
 def _responses(n=1):
@@ -44,17 +29,17 @@ def _responses(n=1):
 def test_accepted_revision_replaces_the_answer_and_a_degenerate_one_does_not():
     cons = C.load(DEFAULT)
     settings = CritiqueSettings(passes=3, few_shot=1)
-    engine = ScriptedEngine([("A better, safer answer.", True),        # accepted
+    engine = Scripted([("A better, safer answer.", True),        # accepted
                              ("A half-finished answ", False),          # truncated: ignored
                              ("A better, safer answer.", True)])       # unchanged vs current: ignored
     sft, crit = critique_revise(engine, cons, _responses(), settings, Sampling(), {"round": "t"})
     assert [c["degenerate"] for c in crit] == [None, "truncated", "unchanged"]
     assert [c["before"] for c in crit] == ["Original answer.", "A better, safer answer.", "A better, safer answer."]
     assert sft[0]["messages"][-1]["content"] == "A better, safer answer." and sft[0]["revisions_accepted"] == 1
-    only_bad = ScriptedEngine([("", True)])
+    only_bad = Scripted([("", True)])
     sft, crit = critique_revise(only_bad, cons, _responses(), CritiqueSettings(passes=1), Sampling(), {})
     assert crit[0]["degenerate"] == "empty" and sft == []  # no accepted revision: no SFT row
-    kept, _ = critique_revise(ScriptedEngine([("", True)]), cons, _responses(),
+    kept, _ = critique_revise(Scripted([("", True)]), cons, _responses(),
                               CritiqueSettings(passes=1, drop_degenerate=False), Sampling(), {})
     assert kept[0]["messages"][-1]["content"] == "Original answer."  # kept, with the original answer
 
@@ -186,15 +171,10 @@ def test_no_import_cycle_among_cai_and_workers():
 
 
 def test_revision_candidates_keep_the_first_usable_one():
-    class Alternating:
-        def generate(self, conversations, sampling, *, prefixes=None):
-            if conversations[0][-1]["content"].startswith("Critique request"):
-                return [Generation("It could be safer.", 4, True) for _ in conversations]
-            return [Generation("" if j % 2 == 0 else "A safer, complete answer.", 5, True) for j in range(len(conversations))]
-
     cons = C.load(DEFAULT)
-    one, _ = critique_revise(Alternating(), cons, _responses(), CritiqueSettings(passes=1), Sampling(), {})
-    two, crit = critique_revise(Alternating(), cons, _responses(), CritiqueSettings(passes=1, revision_candidates=2),
+    one, _ = critique_revise(Scripted([("", True)]), cons, _responses(), CritiqueSettings(passes=1), Sampling(), {})
+    two, crit = critique_revise(Scripted([("", True), ("A safer, complete answer.", True)]), cons, _responses(),
+                                CritiqueSettings(passes=1, revision_candidates=2),
                                 Sampling(), {})
     assert one == [] and two[0]["messages"][-1]["content"] == "A safer, complete answer."
     assert crit[0]["candidates"] == 2 and crit[0]["degenerate"] is None
