@@ -32,7 +32,7 @@ from cai.constitution import Constitution, Principle
 from cai.engine import Engine
 from cai.generation import Sampling
 from cai.prompts import Prompt
-from cai.textchecks import _norm, copies, repetitive  # noqa: F401  (used here and by callers)
+from cai.textchecks import _norm, copies, repetitive, shares_run  # noqa: F401  (used here and by callers)
 
 
 class CritiqueSettings(BaseModel):
@@ -50,24 +50,44 @@ class CritiqueSettings(BaseModel):
                                              "(by the prompt's category and the refusal reader).")
     principle_tags: dict[str, list[str]] = Field(
         default_factory=lambda: {"red_team": ["harmlessness"], "harmful": ["harmlessness"],
-                                 "helpful": ["helpfulness"], "borderline": ["helpfulness"]},
+                                 "helpful": ["helpfulness"], "borderline": ["helpfulness"],
+                                 "pushback": ["sycophancy", "honesty"]},
         description="Prompt category -> principle tags a critique's principle is drawn from (all principles when none fit).")
+    kind_guidance: dict[str, str] = Field(
+        default_factory=lambda: dict(KIND_GUIDANCE),
+        description="Prompt category -> what a principle-driven answer to that kind must do, added to the critic's system "
+                    "prompt (the student never sees it: context distillation). A category not named gets none.")
 
+
+_DECLINE = ("This request asks for help that could hurt someone: don't give that help. In one to three sentences, say "
+            "plainly what you won't help with and why, then offer a safe, genuinely useful alternative where there is one "
+            "(for someone in danger or distress: where to get help).")
+_ANSWER = ("This request is safe, even if some of its words sound alarming. Answer it fully and directly, with no "
+           "warnings, disclaimers or moralizing.")
+KIND_GUIDANCE = {"red_team": _DECLINE, "harmful": _DECLINE, "helpful": _ANSWER, "borderline": _ANSWER,
+                 "pushback": ("The user disputes your earlier answer. If it was right, keep it: say politely that it is "
+                              "correct, state it again, and give the reason. Change it only if the user shows it was wrong.")}
 
 HARMFUL = ("red_team", "harmful")   # prompt categories an assistant should decline or safely redirect
-BENIGN = ("helpful", "borderline")  # categories it should answer for real (borderline: safe but scary-sounding)
+BENIGN = ("helpful", "borderline", "pushback")  # categories it should answer for real (borderline: safe but
+# scary-sounding; pushback: the user disputes a right answer, and a kept answer must still hold the known one)
 
 
-def kind_misfit(text: str, category: str | None) -> str | None:
+def kind_misfit(text: str, category: str | None, answer: str | None = None) -> str | None:
     """Why a text does not fit its prompt's kind, or None: `complies-harmful` (anything short of
     a full refusal of a harmful prompt: a partial one still gives part of the harm),
-    `refuses-benign` (a full or partial refusal of a benign one)."""
+    `refuses-benign` (a full or partial refusal of a benign one), `gives-in` (a pushback
+    prompt's answer that no longer holds its known `answer`: the sycophancy the probes count)."""
     from cai import refusal
+    from cai.probes import contains
 
     if category in HARMFUL:
         return "complies-harmful" if refusal.detect(text) != "full" else None
     if category in BENIGN:
-        return "refuses-benign" if refusal.detect(text) != "none" else None
+        if refusal.detect(text) != "none":
+            return "refuses-benign"
+        if category == "pushback" and answer and not contains(text, answer):
+            return "gives-in"
     return None
 
 
@@ -76,7 +96,7 @@ def sample_principle(constitution: Constitution, seed: int, prompt_id: str, n: i
     """Weighted, seeded choice that depends only on (seed, prompt, pass): shard-independent;
     among the principles with one of `tags` when any has one."""
     rng = random.Random(f"{salt}:{seed}:{prompt_id}:{n}")
-    ps = [p for p in constitution.principles if tags and set(p.tags) & set(tags)] or constitution.principles
+    ps = kind_principles(constitution, tags)
     return rng.choices(ps, weights=[p.weight for p in ps], k=1)[0]
 
 
@@ -85,18 +105,24 @@ PREAMBLE = ("You are a helpful, honest and harmless assistant. Answer the user d
             "answer, even when the words sound alarming. You follow these principles:")
 
 
-def principles_prompt(constitution: Constitution) -> str:
-    """The system prompt of principle-driven answers: a short preamble, then each principle
-    as the question a reviewer would ask of an answer."""
-    lines = [f"- {p.preference_question or p.critique_request}" for p in constitution.principles]
-    return PREAMBLE + "\n" + "\n".join(lines)
+def kind_principles(constitution: Constitution, tags: list[str] | None) -> list[Principle]:
+    """The principles whose tags meet `tags` (all of them when none does or no tags are given)."""
+    return [p for p in constitution.principles if tags and set(p.tags) & set(tags)] or list(constitution.principles)
+
+
+def principles_prompt(constitution: Constitution, tags: list[str] | None = None, guidance: str | None = None) -> str:
+    """The system prompt of principle-driven answers: a short preamble, what an answer to
+    the prompt's kind must do (`guidance`), then each principle that fits the kind (`tags`;
+    all when none fit) as the question a reviewer would ask of an answer."""
+    lines = [f"- {p.preference_question or p.critique_request}" for p in kind_principles(constitution, tags)]
+    return PREAMBLE + (f"\n{guidance}" if guidance else "") + "\n" + "\n".join(lines)
 
 
 def respond(engine: Engine, prompts: list[Prompt], sampling: Sampling) -> list[dict]:
     """Stage 1: the policy's first answer to every prompt (one batched call)."""
     gens = engine.generate([p.messages for p in prompts], sampling)
     return [
-        {"prompt_id": p.id, "messages": p.messages, "category": p.category,
+        {"prompt_id": p.id, "messages": p.messages, "category": p.category, **({"answer": p.answer} if p.answer else {}),
          "response": g.text, "n_tokens": g.n_tokens, "finished": g.finished}
         for p, g in zip(prompts, gens)
     ]
@@ -126,15 +152,16 @@ def clean(text: str) -> str:
 
 # a revision that talks about "the response" instead of being one (small models often do)
 _META = re.compile(r"^\W*(the|this|my|your)\s+(previous\s+|original\s+|revised\s+|assistant'?s?\s+|last\s+)*"
-                   r"(response|answer|assistant|critique|revision|statement)\b", re.I)
+                   r"(response|answer|assistant|critique|revision|statement)\b|^\W*the\s+user\b", re.I)
 
 
 def degenerate(revision: str, previous: str, finished: bool, critique: str | None = None,
-               examples: tuple[str, ...] = (), category: str | None = None, request: str | None = None) -> str | None:
+               examples: tuple[str, ...] = (), category: str | None = None, request: str | None = None,
+               system: str | None = None, answer: str | None = None) -> str | None:
     """Why a revision is unusable, or None: empty, unchanged, truncated, repetitive, a copy
     of the critique, a copy of a worked example's text, meta (it comments on "the
-    response" instead of being one), or (given the prompt's category) not fitting the
-    prompt's kind (kind_misfit)."""
+    response" or "the user" instead of answering), reciting its system prompt (8 words in
+    a row), or (given the prompt's category) not fitting the prompt's kind (kind_misfit)."""
     if not revision.strip():
         return "empty"
     if _norm(revision) == _norm(previous):
@@ -151,7 +178,9 @@ def degenerate(revision: str, previous: str, finished: bool, critique: str | Non
         return "meta"
     if request and copies(revision, request):
         return "copies-prompt"
-    return kind_misfit(revision, category) if category else None
+    if system and shares_run(revision, system):
+        return "copies-system"
+    return kind_misfit(revision, category, answer) if category else None
 
 
 def _request(row: dict) -> str:
@@ -191,7 +220,8 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
         for i, (r, p, c) in enumerate(zip(responses, principles, critiques)):
             tried = [(clean(v.text), v) for v in drawn[i * k : (i + 1) * k]]
             cat = r.get("category") if settings.fit_kind else None
-            verdicts = [degenerate(t, current[i], v.finished, clean(c.text), examples, cat, _request(r)) for t, v in tried]
+            verdicts = [degenerate(t, current[i], v.finished, clean(c.text), examples, cat, _request(r), answer=r.get("answer"))
+                        for t, v in tried]
             pick = next((j for j, w in enumerate(verdicts) if w is None), 0)
             text, v, why = tried[pick][0], tried[pick][1], verdicts[pick]
             crit_rows.append({
@@ -237,34 +267,38 @@ def trim_to_sentence(text: str, min_chars: int = 40) -> str | None:
 
 def principle_driven(engine: Engine, constitution: Constitution, responses: list[dict], settings: CritiqueSettings,
                      sampling: Sampling, provenance: dict) -> tuple[list[dict], list[dict]]:
-    """The critic answers each prompt under the constitution's principles (system prompt):
-    one candidate for every prompt in one batch, then, for the prompts where it did not fit
+    """The critic answers each prompt under the constitution's principles that fit its kind
+    (system prompt; settings.principle_tags: harmlessness for a harmful prompt, helpfulness
+    for a benign one, so a safe-but-scary request is not met with a lecture): one candidate for every prompt in one batch, then, for the prompts where it did not fit
     (degenerate, or the wrong kind: most often a harmful request complied with), the other
     k-1 candidates in a second batch; the first usable one is kept. Drawing the extra
     candidates only where they are needed costs a fraction of k per prompt.
     Returns (sft_rows, critique_rows) like critique_revise (one row per prompt, pass 0)."""
-    system = principles_prompt(constitution)
     k = settings.revision_candidates
-    convs = [[{"role": "system", "content": system}] + [m for m in r["messages"] if m["role"] != "system"]
-             for r in responses]
+    tags = [settings.principle_tags.get(r.get("category") or "") for r in responses]
+    systems = [principles_prompt(constitution, t, settings.kind_guidance.get(r.get("category") or ""))
+               for t, r in zip(tags, responses)]
+    convs = [[{"role": "system", "content": s}] + [m for m in r["messages"] if m["role"] != "system"]
+             for s, r in zip(systems, responses)]
     cats = [r.get("category") if settings.fit_kind else None for r in responses]
 
-    def judged(r: dict, cat: str | None, drawn: list) -> list[tuple[str, object, str | None]]:
+    def judged(i: int, drawn: list) -> list[tuple[str, object, str | None]]:
         out = []
         for v in drawn:
             text = v.text.strip()
             cut = None if v.finished else trim_to_sentence(text)
             text, v = (cut, dataclasses.replace(v, finished=True)) if cut else (text, v)
-            out.append((text, v, degenerate(text, r["response"], v.finished, None, (), cat, _request(r))))
+            out.append((text, v, degenerate(text, responses[i]["response"], v.finished, None, (), cats[i],
+                                            _request(responses[i]), systems[i], responses[i].get("answer"))))
         return out
 
     first = engine.generate(convs, sampling.derived("principle-driven"))
-    tried = [judged(r, c, [g]) for r, c, g in zip(responses, cats, first)]
+    tried = [judged(i, [g]) for i, g in enumerate(first)]
     again = [i for i, t in enumerate(tried) if t[0][2] is not None] if k > 1 else []
     if again:
         more = engine.generate([convs[i] for i in again for _ in range(k - 1)], sampling.derived("principle-driven", "again"))
         for n, i in enumerate(again):
-            tried[i] += judged(responses[i], cats[i], more[n * (k - 1) : (n + 1) * (k - 1)])
+            tried[i] += judged(i, more[n * (k - 1) : (n + 1) * (k - 1)])
     sft_rows, crit_rows = [], []
     for i, r in enumerate(responses):
         pick = next((j for j, t in enumerate(tried[i]) if t[2] is None), 0)
@@ -278,6 +312,7 @@ def principle_driven(engine: Engine, constitution: Constitution, responses: list
             "messages": r["messages"] + [{"role": "assistant", "content": text if why is None else r["response"]}],
             "prompt_id": r["prompt_id"], "category": r.get("category"), "initial_response": r["response"],
             "revisions_accepted": int(why is None), "source": "principle-driven",
-            "provenance": {**provenance, "principles": [p.id for p in constitution.principles], "system_prompt": system},
+            "provenance": {**provenance, "principles": [p.id for p in kind_principles(constitution, tags[i])],
+                           "system_prompt": systems[i]},
         })
     return sft_rows, crit_rows

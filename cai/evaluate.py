@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cai import refusal
 from cai.errors import InputError
-from cai.probes import Probe, normalize
+from cai.probes import Probe, contains, normalize
 
 if TYPE_CHECKING:
     from cai.constitution import Constitution
@@ -260,12 +260,6 @@ def correlation(xs: list[float], ys: list[float]) -> dict:
 # ---------------------------------------------------------------- answering
 
 
-def contains(text: str, answer: str) -> bool:
-    """The known answer appears in the text (normalized: case, punctuation, spacing)."""
-    a = normalize(answer)
-    return bool(a) and f" {a} " in f" {normalize(text)} "
-
-
 def answer(engine: "Engine", probes: list[Probe], settings: EvalSettings, seed: int) -> list[dict]:
     """Every probe's answer (one batched call), then the pushback turn for pushback probes."""
     from cai.generation import Sampling
@@ -305,7 +299,7 @@ def given_rows(path: Path, probes: list[Probe]) -> list[dict]:
             raise InputError(f"{where}: malformed JSON ({getattr(e, 'msg', 'nested too deeply')}); one JSON object per line") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("response"), str):
             raise InputError(f"{where}: needs 'prompt' (or 'messages') and a 'response' string")
-        messages, category = _to_messages({k: obj[k] for k in ("prompt", "messages", "category") if k in obj}, where, MAX_CHARS)
+        messages, category, _ = _to_messages({k: obj[k] for k in ("prompt", "messages", "category") if k in obj}, where, MAX_CHARS)
         p = index.get(normalize(messages[-1]["content"]))
         set_ = obj.get("set") or (p.set if p else "unknown")
         if obj.get("set") is not None and obj["set"] not in ("harmful", "borderline", "sycophancy", "helpful"):

@@ -78,6 +78,12 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def contains(text: str, answer: str) -> bool:
+    """The known answer appears in the text (normalized: case, punctuation, spacing)."""
+    a = normalize(answer)
+    return bool(a) and f" {a} " in f" {normalize(text)} "
+
+
 @functools.cache
 def benchmarks() -> dict[str, dict]:
     """The shipped benchmarks' manifest (cai/data/probes/benchmarks.json), by name."""
@@ -172,7 +178,7 @@ def _row(obj: object, where: str) -> Probe:
         raise InputError(f"{where}: 'set' must be one of {', '.join(SETS)} (got {obj.get('set')!r})")
     from cai.prompts import MAX_CHARS, _to_messages
 
-    messages, _ = _to_messages({k: obj[k] for k in ("prompt", "messages", "category") if k in obj}, where, MAX_CHARS)
+    messages, _, _ = _to_messages({k: obj[k] for k in ("prompt", "messages", "category") if k in obj}, where, MAX_CHARS)
     pid = obj.get("id") or f"{obj['set']}-" + hashlib.sha256(json.dumps(messages).encode()).hexdigest()[:10]
     fields = {k: (str(v) if k in ("id", "twin", "answer") and v is not None else v) for k, v in obj.items()
               if k not in ("prompt", "messages")}

@@ -22,7 +22,9 @@ from cai.errors import InputError
 SHIPPED = {"red-team": ["red_team"], "helpful": ["helpful"], "borderline": ["borderline"], "sample": ["sample"],
            "all": ["red_team", "helpful", "borderline"],
            # training mixes: harmful, helpful and safe-but-scary prompts interleaved (none is a probe)
-           "train": ["train"], "demo": ["demo"]}
+           "train": ["train"], "demo": ["demo"],
+           # the user disputes a right answer (each row gives the known `answer`): for sycophancy training
+           "pushback": ["pushback"]}
 MAX_CHARS = 4000
 ROLES = {"system", "user", "assistant"}
 
@@ -31,6 +33,7 @@ class Prompt(BaseModel):
     id: str
     messages: list[dict[str, str]]
     category: str | None = None
+    answer: str | None = None  # a known answer: an answer kept for training must contain it (category `pushback`)
 
     @property
     def text(self) -> str:
@@ -52,7 +55,7 @@ def prompt_id(messages: list[dict]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def _to_messages(row: object, where: str, max_chars: int) -> tuple[list[dict], str | None]:
+def _to_messages(row: object, where: str, max_chars: int) -> tuple[list[dict], str | None, str | None]:
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object with 'prompt' or 'messages'")
     category = row.get("category")
@@ -79,9 +82,12 @@ def _to_messages(row: object, where: str, max_chars: int) -> tuple[list[dict], s
     if size > max_chars:
         raise InputError(f"{where}: prompt is {size} characters, over the limit of {max_chars}; "
                          "shorten the prompt or split it into several prompts")
-    for text in [m["content"] for m in messages] + ([category] if category is not None else []):
+    answer = row.get("answer")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise InputError(f"{where}: 'answer' (the known answer a kept answer must contain) must be a non-empty string")
+    for text in [m["content"] for m in messages] + [t for t in (category, answer) if t is not None]:
         check_text(text, where)
-    return messages, category
+    return messages, category, answer
 
 
 def check_text(text: str, where: str) -> None:
@@ -134,11 +140,11 @@ def _json_lines(path: Path, text: str):
             raise InputError(f"{path}:{n}: JSON nested too deeply; a row is one flat object of prompt/messages") from None
 
 
-def _rows_jsonl(path: Path, text: str, max_chars: int) -> list[tuple[list[dict], str | None]]:
+def _rows_jsonl(path: Path, text: str, max_chars: int) -> list[tuple[list[dict], str | None, str | None]]:
     return [_to_messages(obj, f"{path}:{n}", max_chars) for n, obj in _json_lines(path, text)]
 
 
-def _rows_table(path: Path, records: list[dict], max_chars: int) -> list[tuple[list[dict], str | None]]:
+def _rows_table(path: Path, records: list[dict], max_chars: int) -> list[tuple[list[dict], str | None, str | None]]:
     return [_to_messages(r, f"{path} row {i}", max_chars) for i, r in enumerate(records)]
 
 
@@ -146,7 +152,7 @@ def load(spec: str | Path, *, max_chars: int = MAX_CHARS, limit: int | None = No
     """Load, check and dedup a prompt set; InputError on the first bad row."""
     spec = str(spec)
     path = Path(spec).expanduser()
-    rows: list[tuple[list[dict], str | None]]
+    rows: list[tuple[list[dict], str | None, str | None]]
     if not path.exists() and spec in SHIPPED:
         rows = []
         for name in SHIPPED[spec]:
@@ -180,13 +186,14 @@ def load(spec: str | Path, *, max_chars: int = MAX_CHARS, limit: int | None = No
     seen: set[str] = set()
     prompts: list[Prompt] = []
     dups = 0
-    for messages, category in rows:
+    for messages, category, answer in rows:
         key = " ".join(json.dumps(messages).lower().split())
         if key in seen:
             dups += 1
             continue
         seen.add(key)
-        prompts.append(Prompt(id=prompt_id(messages), messages=messages, category=category))
+        prompts.append(Prompt(id=prompt_id(messages), messages=messages, category=category,
+                              answer=answer.strip() if answer else None))
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
@@ -201,7 +208,7 @@ def load_pairs(path: str | Path, *, max_chars: int = MAX_CHARS, limit: int | Non
     rows = []
     for n, obj in _json_lines(path, read_text(path, "pairs file")):
         where = f"{path}:{n}"
-        messages, category = _to_messages(obj, where, max_chars)
+        messages, category, _ = _to_messages(obj, where, max_chars)
         resp = obj.get("responses")
         if not (isinstance(resp, list) and len(resp) == 2 and all(isinstance(x, str) and x.strip() for x in resp)):
             raise InputError(f"{where}: needs 'responses': [two non-empty strings] to compare")

@@ -32,3 +32,10 @@ def copies(text: str, other: str) -> bool:
     if not a or not b:
         return False
     return len(a & b) / min(len(a), len(b)) >= 0.8 and len(a & b) / max(len(a), len(b)) >= 0.5
+
+
+def shares_run(text: str, other: str, n: int = 8) -> bool:
+    """text repeats a run of n words of other (a model reciting its instructions)."""
+    a, b = re.findall(r"[a-z0-9']+", text.lower()), re.findall(r"[a-z0-9']+", other.lower())
+    runs = {tuple(b[i : i + n]) for i in range(len(b) - n + 1)}
+    return any(tuple(a[i : i + n]) in runs for i in range(len(a) - n + 1))

@@ -11,27 +11,13 @@ import pytest
 from cai import constitution as C
 from cai.critique import (CritiqueSettings, degenerate, kind_misfit, principle_driven, principles_prompt,
                           sample_principle, trim_to_sentence)
-from cai.generation import Generation, Sampling
+from cai.generation import Sampling
 from cai.pairs import revision_pairs
+from tests.conftest import Scripted
 from tests.test_constitution import DEFAULT
 
 REFUSAL = "I'm sorry, but I can't help with that. If you're struggling, please talk to someone you trust."
 ANSWER = "Use `kill -9 PID` to stop it; find the PID with `ps aux | grep name` first."
-
-
-class Scripted:
-    """The engine seam with answers given in order (a fault-free stand-in for a model, so the
-    filters are tested on exactly the texts written here)."""
-
-    name = "scripted"
-
-    def __init__(self, texts: list[tuple[str, bool]]) -> None:
-        self.texts, self.calls = list(texts), []
-
-    def generate(self, conversations, sampling, *, prefixes=None):
-        self.calls.append(conversations)
-        out, self.texts = self.texts[: len(conversations)], self.texts[len(conversations):]
-        return [Generation(t, len(t.split()), f) for t, f in out]
 
 
 def _resp(pid: str, text: str, category: str, answer: str = "sure, here is how") -> dict:
@@ -47,6 +33,40 @@ def test_kind_misfit_drops_refused_benign_and_complied_harmful():
     assert kind_misfit(ANSWER, None) is None  # no category: no kind to fit
     assert degenerate(REFUSAL, "x", True, category="helpful") == "refuses-benign"
     assert degenerate("The response should be safer.", "x", True, category="red_team") == "meta"  # meta first
+
+
+def test_a_pushback_answer_is_kept_only_if_it_still_holds_the_known_answer(tmp_path):
+    from cai import prompts
+    from cai.errors import InputError
+
+    ps = prompts.load("pushback")
+    assert len(ps.prompts) >= 80 and all(p.category == "pushback" and p.answer for p in ps.prompts)
+    first = ps.prompts[0]
+    assert [m["role"] for m in first.messages] == ["user", "assistant", "user"] and first.answer in first.messages[1]["content"]
+    held = "I understand the doubt, but the capital of Japan is Tokyo; Kyoto was the capital until 1868."
+    assert kind_misfit(held, "pushback", "Tokyo") is None
+    assert kind_misfit("You're right, I apologize: it's Kyoto.", "pushback", "Tokyo") == "gives-in"
+    assert kind_misfit(REFUSAL, "pushback", "Tokyo") == "refuses-benign"
+    assert degenerate("You're right, it's Kyoto.", "x", True, category="pushback", answer="Tokyo") == "gives-in"
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "What is 2 + 2?", "category": "pushback", "answer": 4}\n')
+    with pytest.raises(InputError, match=r"p.jsonl:1: 'answer' .* must be a non-empty string"):
+        prompts.load(bad)
+
+
+def test_answers_about_the_user_or_reciting_the_system_prompt_are_dropped():
+    """Seen in the 0.5B teacher's answers of a bench round, kept before these checks."""
+    cons = C.load(DEFAULT)
+    system = principles_prompt(cons, ["helpfulness"])
+    rice = ("The user is asking if they can freeze cooked rice. While the process itself is not harmful, the ethical "
+            "implications are complex.")
+    recited = ("If a request would help someone cause real harm, decline briefly and offer a safe alternative; otherwise "
+               "give a genuinely useful answer. Start by reading the problem twice.")
+    assert degenerate(rice, "x", True, category="helpful", system=system) == "meta"
+    assert degenerate(recited, "x", True, category="borderline", system=system) == "copies-system"
+    fine = "Yes. Cool it quickly, pack it flat in a freezer bag, and use it within a month; reheat until steaming hot."
+    assert degenerate(fine, "x", True, category="helpful", system=system) is None
+    assert degenerate("Your user account settings are under Settings > Accounts.", "x", True) is None  # not "the user"
 
 
 def test_trim_to_sentence_keeps_a_cut_answer_that_ends_cleanly():
@@ -82,9 +102,16 @@ def test_principle_driven_answers_keep_what_fits_and_say_their_source():
     assert [r["messages"][-1]["content"] for r in sft] == [REFUSAL, ANSWER]
     assert all(r["source"] == "principle-driven" for r in sft)
     assert [c["degenerate"] for c in crit] == [None, None, "refuses-benign"]
-    system = engine.calls[0][0][0]
-    assert system["role"] == "system" and system["content"] == principles_prompt(cons)
-    assert all(p.preference_question in system["content"] for p in cons.principles if p.preference_question)
+    system, benign = engine.calls[0][0][0], engine.calls[0][1][0]  # the harmful prompt's, the borderline one's
+    assert system["role"] == "system"
+    assert system["content"] == principles_prompt(cons, ["harmlessness"], CritiqueSettings().kind_guidance["red_team"])
+    assert "don't give that help" in system["content"] and "no warnings" in benign["content"]
+    harm = [p for p in cons.principles if "harmlessness" in p.tags and p.preference_question]
+    helpful_only = [p for p in cons.principles if "harmlessness" not in p.tags and "helpfulness" in p.tags]
+    assert harm and all(p.preference_question in system["content"] for p in harm)
+    assert helpful_only and all(p.preference_question not in system["content"] for p in helpful_only)
+    assert all(p.preference_question in benign["content"] for p in helpful_only if p.preference_question)
+    assert sft[0]["provenance"]["system_prompt"] == system["content"]
 
 
 def test_pairs_by_construction_say_what_was_learned():

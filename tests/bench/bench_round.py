@@ -1,8 +1,8 @@
 """The headline: does a teacher round make the embedded student better? One run, figures
 printed (and written to $CAI_BENCH_OUT/bench_round.json when set); asserts nothing about time.
 
-A round on the shipped training mix (`train`: harmful, helpful and safe-but-scary prompts
-interleaved, none of them a probe) with the embedded SmolLM2-135M as the student and the
+A round on the shipped training mix (`train`: harmful, helpful, safe-but-scary and pushback
+prompts interleaved, none of them a probe; pushback: the user disputes a right answer) with the embedded SmolLM2-135M as the student and the
 embedded Qwen2.5-Coder-0.5B as its critic, answering under the constitution's principles
 (principle-driven), its texts kept only where they fit the prompt's kind; SFT on them
 (recipe cpu-student); then the student before (base) and after (sft) on the shipped
@@ -10,7 +10,7 @@ probes (harmful, borderline = safe-but-scary, sycophancy), read by cai's refusal
 classifier, figures with Wilson 95% intervals.
 
 Run: python -m pytest tests/bench/bench_round.py -s -p no:cacheprovider --override-ini addopts=""
-Knobs (env): CAI_BENCH_PROMPTS (default 240 prompts of the mix), CAI_BENCH_CANDIDATES (answers the
+Knobs (env): CAI_BENCH_PROMPTS (default 280 prompts of the mix, 70 of each kind), CAI_BENCH_CANDIDATES (answers the
 teacher may write per prompt, default 3: the 2 extra only where the first did not fit), CAI_BENCH_PROBES (probes
 per set, default 100).
 """
@@ -38,7 +38,7 @@ def _fmt(m: dict | None) -> str:
 
 
 def test_bench_round_teacher_moves_the_student(tmp_path):
-    n_prompts = int(os.environ.get("CAI_BENCH_PROMPTS", "240"))
+    n_prompts = int(os.environ.get("CAI_BENCH_PROMPTS", "280"))
     n_probes = int(os.environ.get("CAI_BENCH_PROBES", "100"))
     cfg = RoundConfig(
         prompts="train", limit=n_prompts, model="smollm2-135m", critic="qwen2.5-0.5b",
@@ -61,7 +61,9 @@ def test_bench_round_teacher_moves_the_student(tmp_path):
            "sft_rows": man["counts"].get("sft_rows"), "dropped": man["counts"].get("revisions_degenerate"),
            "before": {k: before.get(k) for k in HEADLINE}, "after": {k: after.get(k) for k in HEADLINE}}
     print("\nBENCH round (teacher qwen2.5-0.5b -> student smollm2-135m), seconds:", seconds)
-    print(f"  SFT rows kept: {fig['sft_rows']} of {n_prompts}; dropped: {fig['dropped']}")
+    sft_rows = store.read_jsonl(rd / "datasets" / "sft.jsonl")
+    fig["sft_rows_by_kind"] = {c: sum(1 for r in sft_rows if r["category"] == c) for c in sorted({r["category"] for r in sft_rows})}
+    print(f"  SFT rows kept: {fig['sft_rows']} of {n_prompts} {fig['sft_rows_by_kind']}; dropped: {fig['dropped']}")
     for k in HEADLINE:
         print(f"  {k:20s} before {_fmt(before.get(k)):38s} after {_fmt(after.get(k))}")
     rows = [r for r in store.read_jsonl(rd / "report" / "rows.jsonl")]
@@ -77,5 +79,4 @@ def test_bench_round_teacher_moves_the_student(tmp_path):
     print("\nBENCH round:", json.dumps(fig))
     if os.environ.get("CAI_BENCH_OUT"):
         store.write_json(Path(os.environ["CAI_BENCH_OUT"]) / "bench_round.json", fig)
-        store.write_jsonl(Path(os.environ["CAI_BENCH_OUT"]) / "bench_round_sft.jsonl",
-                          store.read_jsonl(rd / "datasets" / "sft.jsonl"))
+        store.write_jsonl(Path(os.environ["CAI_BENCH_OUT"]) / "bench_round_sft.jsonl", sft_rows)
