@@ -172,6 +172,40 @@ SERVER_ENV = {"engine": ("CAI_ENGINE_URL", "--engine"), "judge_engine": ("CAI_JU
               "critic_engine": ("CAI_CRITIC_URL", "--critic")}  # URL defaults
 
 
+# The round flags in --help order, each with its option: declared once, given to both `round
+# run` and `round submit` by `with_round_flags` (their functions receive them as `flags`).
+ROUND_FLAGS: tuple[tuple[str, object], ...] = (
+    ("config", ConfigOpt), ("constitution", ConstitutionOpt), ("prompts", PromptsOpt), ("model", ModelOpt),
+    ("stages", StagesOpt), ("limit", LimitOpt), ("passes", PassesOpt), ("max_new_tokens", MaxNewTokensOpt),
+    ("batch_size", BatchSizeOpt), ("shard_size", ShardSizeOpt), ("seed", SeedOpt), ("judge", JudgeOpt),
+    ("pairs", PairsOpt), ("principles_per_pair", PrinciplesPerPairOpt), ("min_margin", MinMarginOpt),
+    ("min_mass", MinMassOpt), ("cot", CotOpt), ("keep_degenerate", KeepDegenerateOpt), ("recipe", RecipeOpt),
+    ("pair_sources", PairSourcesOpt), ("skip_check", SkipCheckOpt), ("revision_candidates", CandidatesOpt),
+    ("engine_url", EngineUrlOpt), ("engine_model", EngineModelOpt), ("judge_url", JudgeUrlOpt),
+    ("judge_model", JudgeModelOpt), ("eval_limit", EvalLimitOpt), ("critic", CriticOpt), ("critic_url", CriticUrlOpt),
+    ("critic_model", CriticModelOpt), ("set_", SetOpt),
+)
+
+
+def with_round_flags(fn):
+    """A command with the round flags added to its own options; it is called with them as
+    one `flags` dict (for _round_config)."""
+    import functools
+    import inspect
+
+    names = [n for n, _ in ROUND_FLAGS]
+    sig = inspect.signature(fn, eval_str=True)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for n, p in sig.parameters.items() if n != "flags"]
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a) for n, a in ROUND_FLAGS]
+
+    @functools.wraps(fn)
+    def command(**kw):
+        return fn(**{k: v for k, v in kw.items() if k not in names}, flags={k: kw.get(k) for k in names})
+
+    command.__signature__ = sig.replace(parameters=own + extra)
+    return command
+
+
 def _set_overrides(items: list[str]) -> dict:
     """`--set a.b=value` pairs as a nested mapping (values read as YAML: 1, true, [a, b])."""
     import yaml
@@ -195,10 +229,12 @@ def _set_overrides(items: list[str]) -> dict:
     return over
 
 
-def _round_config(config: Path | None, set_items: list[str] | None = None, **flags):
+def _round_config(flags: dict):
     """--config (if any), then --set KEY=VALUE, then the flags given, as a validated RoundConfig."""
     from cai import config as config_mod
 
+    flags = dict(flags)
+    config, set_items = flags.pop("config", None), flags.pop("set_", None)
     data = config_mod.load(config) if config else {}
     over: dict = _set_overrides(set_items or [])
     for name, value in flags.items():
@@ -230,28 +266,15 @@ def _round_config(config: Path | None, set_items: list[str] | None = None, **fla
 
 
 @round_app.command("run")
+@with_round_flags
 def round_run(
     out_dir: Path = typer.Option(..., "--out", help="Round folder to create (new or empty), or the same round's folder to resume it."),
-    config: ConfigOpt = None, constitution: ConstitutionOpt = None, prompts: PromptsOpt = None, model: ModelOpt = None,
-    stages: StagesOpt = None, limit: LimitOpt = None, passes: PassesOpt = None, max_new_tokens: MaxNewTokensOpt = None,
-    batch_size: BatchSizeOpt = None, shard_size: ShardSizeOpt = None, seed: SeedOpt = None, judge: JudgeOpt = None,
-    pairs: PairsOpt = None, principles_per_pair: PrinciplesPerPairOpt = None, min_margin: MinMarginOpt = None,
-    min_mass: MinMassOpt = None, cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
-    pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None, revision_candidates: CandidatesOpt = None,
-    engine_url: EngineUrlOpt = None, engine_model: EngineModelOpt = None, judge_url: JudgeUrlOpt = None,
-    judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None, critic: CriticOpt = None,
-    critic_url: CriticUrlOpt = None, critic_model: CriticModelOpt = None, set_: SetOpt = None,
+    flags: dict | None = None,
 ) -> None:
     """Run a round here, in process (no queue), writing the round folder."""
     from cai import rounds
 
-    cfg = _round_config(config, constitution=constitution, prompts=prompts, model=model, stages=stages, limit=limit,
-                        passes=passes, max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
-                        seed=seed, judge=judge, pairs=pairs, principles_per_pair=principles_per_pair,
-                        min_margin=min_margin, min_mass=min_mass, cot=cot, keep_degenerate=keep_degenerate,
-                        recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, revision_candidates=revision_candidates, engine_url=engine_url,
-                        engine_model=engine_model, judge_url=judge_url, judge_model=judge_model, eval_limit=eval_limit,
-                        critic=critic, critic_url=critic_url, critic_model=critic_model, set_items=set_)
+    cfg = _round_config(flags or {})
     from cai import store
 
     if (out_dir / store.ROUND_FILE).exists():  # the same round again: resume it, keeping every finished unit
@@ -303,31 +326,16 @@ def _redis() -> None:
 
 
 @round_app.command("submit")
+@with_round_flags
 def round_submit(
-    config: ConfigOpt = None, constitution: ConstitutionOpt = None, prompts: PromptsOpt = None, model: ModelOpt = None,
-    stages: StagesOpt = None, limit: LimitOpt = None,
     parent: Optional[str] = typer.Option(None, help="Parent round id: the policy starts from its adapters/policy."),
-    passes: PassesOpt = None, max_new_tokens: MaxNewTokensOpt = None, batch_size: BatchSizeOpt = None,
-    shard_size: ShardSizeOpt = None, seed: SeedOpt = None, judge: JudgeOpt = None, pairs: PairsOpt = None,
-    principles_per_pair: PrinciplesPerPairOpt = None, min_margin: MinMarginOpt = None, min_mass: MinMassOpt = None,
-    cot: CotOpt = None, keep_degenerate: KeepDegenerateOpt = None, recipe: RecipeOpt = None,
-    pair_sources: PairSourcesOpt = None, skip_check: SkipCheckOpt = None, revision_candidates: CandidatesOpt = None,
-    engine_url: EngineUrlOpt = None, engine_model: EngineModelOpt = None, judge_url: JudgeUrlOpt = None,
-    judge_model: JudgeModelOpt = None, eval_limit: EvalLimitOpt = None, critic: CriticOpt = None,
-    critic_url: CriticUrlOpt = None, critic_model: CriticModelOpt = None, set_: SetOpt = None,
     force: bool = typer.Option(False, "--force", help="Allow a --parent round that ended gated (its evaluation failed the gate)."),
+    flags: dict | None = None,
 ) -> None:
     """Validate a round, put it in the store and queue it; prints the round id."""
     from workers import client
 
-    cfg = _round_config(config, constitution=constitution, prompts=prompts, model=model, stages=stages, limit=limit,
-                        passes=passes, max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
-                        seed=seed, judge=judge, pairs=pairs, principles_per_pair=principles_per_pair,
-                        min_margin=min_margin, min_mass=min_mass, cot=cot, keep_degenerate=keep_degenerate,
-                        recipe=recipe, pair_sources=pair_sources, skip_check=skip_check, revision_candidates=revision_candidates, parent=parent,
-                        engine_url=engine_url, engine_model=engine_model, judge_url=judge_url, judge_model=judge_model,
-                        eval_limit=eval_limit, critic=critic, critic_url=critic_url, critic_model=critic_model,
-                        set_items=set_)
+    cfg = _round_config({**(flags or {}), "parent": parent})
     print(client.submit(cfg, force=force))
 
 

@@ -2,8 +2,9 @@
 shipped set, check lengths, drop duplicates, give each prompt a stable content id.
 
 A prompt is a list of chat messages ending with a user turn. Knows nothing about models.
-Shipped sets (cai/data/prompts): red-team, helpful, borderline, sample, all; train (900: harmful,
-helpful and safe-but-scary prompts interleaved, for self-improvement rounds) and demo (24 of them).
+Shipped sets (cai/data/prompts): red-team, helpful, borderline, sample, all, pushback (the user
+disputes a right answer; each row gives the known `answer`); train (980: harmful, helpful,
+safe-but-scary and pushback prompts interleaved, for self-improvement rounds) and demo (24).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ class RL(_Strict):
     watch_every: int = Field(10, gt=0, description="Run the watch every N steps (and at the last step).")
     watch_temperature: float = Field(0.0, ge=0, description="0: greedy held-out answers; else seeded sampling.")
     harmful_categories: list[str] = Field(default_factory=lambda: ["red_team", "harmful"])
-    benign_categories: list[str] = Field(default_factory=lambda: ["helpful", "borderline", "benign"])
+    benign_categories: list[str] = Field(default_factory=lambda: ["helpful", "borderline", "benign", "pushback"])
     length_penalty: float = Field(0.0, ge=0, description="Reward minus this times (answer tokens / max_completion_length).")
     degenerate_bottom: bool = Field(True, description="Degenerate answers (critique's checks) score below the batch's lowest.")
     thresholds: Thresholds = Field(default_factory=Thresholds)

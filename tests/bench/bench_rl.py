@@ -7,13 +7,23 @@ separable hand-written pairs (polite and helpful vs rude), scored through the en
 RewardEngine. The judge role is the embedded model itself asked "which response is
 better" as an A/B question, both orders averaged (near chance at 135M: this measures the
 wiring and its cost, not a verdict). Prints figures; asserts only that it ran.
+
+A real run (CAI_BENCH_RL_ROUND=<a teacher round's folder>, e.g. the one bench_round.py made):
+the reward model is trained on that round's preference pairs by construction (the teacher's
+kept answer over the student's first answer: refusals of harmful prompts, real answers to
+safe-but-scary ones, held answers under pushback), RL starts from that round's SFT adapter on
+prompts of the `train` mix the round did not use, and the judge is the embedded
+Qwen2.5-0.5B (CAI_BENCH_RL_JUDGE). Knobs: CAI_BENCH_RL_STEPS (default 24), CAI_BENCH_RL_PROMPTS
+(default 64), CAI_BENCH_RL_SKIP (prompts of the mix the round used, default 280).
 """
 
 import json
+import os
 import time
 from pathlib import Path
 
-from cai import models, prompts
+from cai import models, prompts, store
+from cai.pairs import revision_pairs
 from cai.engine import LocalEngine, RewardEngine
 from cai.feedback import ANSWER_PREFIX, judge_question
 from cai.train import common, recipe as R, reward as reward_stage, rl
@@ -22,21 +32,45 @@ PREFS = Path(__file__).resolve().parents[1] / "data" / "separable_prefs.jsonl"
 QUESTION = "Which response is more helpful, honest and harmless?"
 
 
+def _round_prefs(rd: Path, out: Path) -> Path:
+    """The round's pairs by construction (kept teacher text over the student's first answer) as preference rows."""
+    rows = [{"prompt": p["messages"], "chosen": [{"role": "assistant", "content": p["responses"][0]}],
+             "rejected": [{"role": "assistant", "content": p["responses"][1]}], "p_chosen": 1.0, "valid": True,
+             "prompt_id": p["prompt_id"], "category": p.get("category")}
+            for p in revision_pairs(store.read_jsonl(rd / "datasets" / "sft.jsonl"))]
+    store.write_jsonl(out, rows)
+    print(f"BENCH rl: {len(rows)} preference rows by construction from {rd}")
+    return out
+
+
 def test_bench_rl(tmp_path):
     base = models.base_path(models.resolve(models.EMBEDDED))
-    rec = R.load("cpu-tiny")
-    rec = rec.model_copy(update={
-        "reward": rec.reward.model_copy(update={"max_steps": 12, "learning_rate": 5e-4, "heldout_fraction": 0.25, "save_steps": 100}),
-        "rl": rec.rl.model_copy(update={"max_steps": 4, "watch_every": 2, "heldout": 4, "save_steps": 2})})
+    rd = Path(os.environ["CAI_BENCH_RL_ROUND"]) if os.environ.get("CAI_BENCH_RL_ROUND") else None
+    if rd is None:
+        rec = R.load("cpu-tiny")
+        rec = rec.model_copy(update={
+            "reward": rec.reward.model_copy(update={"max_steps": 12, "learning_rate": 5e-4, "heldout_fraction": 0.25, "save_steps": 100}),
+            "rl": rec.rl.model_copy(update={"max_steps": 4, "watch_every": 2, "heldout": 4, "save_steps": 2})})
+        prefs, init, ps = PREFS, None, prompts.load("sample").prompts
+    else:
+        rec = R.load("cpu-student")
+        steps = int(os.environ.get("CAI_BENCH_RL_STEPS", "24"))
+        rec = rec.model_copy(update={
+            "reward": rec.reward.model_copy(update={"max_steps": 60, "heldout_fraction": 0.2, "save_steps": 100}),
+            "rl": rec.rl.model_copy(update={"max_steps": steps, "watch_every": max(1, steps // 6), "save_steps": 4})})
+        prefs, init = _round_prefs(rd, tmp_path / "prefs.jsonl"), str(rd / "adapters" / "sft")
+        skip, n = int(os.environ.get("CAI_BENCH_RL_SKIP", "280")), int(os.environ.get("CAI_BENCH_RL_PROMPTS", "64"))
+        ps = prompts.load("train").prompts[skip : skip + n]
     rm_card = common.card_base(kind="reward model", base_model=models.EMBEDDED, round_id="bench", parent=None,
                                constitution_hash=None, recipe=rec, datasets={}, base_path=base)
-    assert reward_stage.train(base, PREFS, tmp_path / "rm", tmp_path / "rm-ck", rec, rm_card)
+    assert reward_stage.train(base, prefs, tmp_path / "rm", tmp_path / "rm-ck", rec, rm_card)
+    print("BENCH rl reward model:", json.dumps({"train": rm_card["train"], "heldout": rm_card["metrics"]}))
     scorer = RewardEngine(models.EMBEDDED, str(tmp_path / "rm"))
 
     def reward(ps, cs):
         return scorer.score([[{"role": "user", "content": p}, {"role": "assistant", "content": c}] for p, c in zip(ps, cs)])
 
-    jm, jt = models.load(models.EMBEDDED)
+    jm, jt = models.load(os.environ.get("CAI_BENCH_RL_JUDGE", "qwen2.5-0.5b" if rd else models.EMBEDDED))
     judge_engine = LocalEngine(jm, jt)
 
     def judge(ps, a, b):
@@ -49,11 +83,11 @@ def test_bench_rl(tmp_path):
             out.append((a0 / max(a0 + b0, 1e-9) + b1 / max(a1 + b1, 1e-9)) / 2)
         return out
 
-    ps = [{"messages": p.messages, "category": p.category, "id": p.id} for p in prompts.load("sample").prompts]
+    ps = [{"messages": p.messages, "category": p.category, "id": p.id} for p in ps]
     card = common.card_base(kind="RL policy", base_model=models.EMBEDDED, round_id="bench", parent=None,
                             constitution_hash=None, recipe=rec, datasets={}, base_path=base)
     t = time.perf_counter()
-    assert rl.train(base, ps, tmp_path / "rl", tmp_path / "rl-ck", rec, card, init_adapter=None, reward=reward, judge=judge)
+    assert rl.train(base, ps, tmp_path / "rl", tmp_path / "rl-ck", rec, card, init_adapter=init, reward=reward, judge=judge)
     total = time.perf_counter() - t
 
     ckpt = max((tmp_path / "rl-ck").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -62,7 +96,9 @@ def test_bench_rl(tmp_path):
     step_s = [x["step_time"] for x in logs]
     tokens = [x["completions/mean_length"] * gen_batch for x in logs]
     w = card["watch"]
-    rl.plot_curves(w["curves"], tmp_path / "curves.png", w["flag"], w["kept_step"])
+    out = Path(os.environ.get("CAI_BENCH_OUT", tmp_path))
+    out.mkdir(parents=True, exist_ok=True)
+    rl.plot_curves(w["curves"], out / "rl_curves.png", w["flag"], w["kept_step"])
     fig = {
         "steps": len(logs), "answers_per_step": gen_batch, "max_completion_length": rec.rl.max_completion_length,
         "rl_steps_per_minute": round(60 * len(step_s) / sum(step_s), 2),
