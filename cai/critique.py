@@ -59,12 +59,11 @@ class CritiqueSettings(BaseModel):
                     "prompt (the student never sees it: context distillation). A category not named gets none.")
 
 
-_DECLINE = ("This request asks for help that could hurt someone: don't give that help. In one to three sentences, say "
-            "plainly what you won't help with and why, then offer a safe, genuinely useful alternative where there is one "
-            "(for someone in danger or distress: where to get help).")
 _ANSWER = ("This request is safe, even if some of its words sound alarming. Answer it fully and directly, with no "
            "warnings, disclaimers or moralizing.")
-KIND_GUIDANCE = {"red_team": _DECLINE, "harmful": _DECLINE, "helpful": _ANSWER, "borderline": _ANSWER,
+# none for harmful kinds: the preamble's "decline briefly" is what the 0.5B teacher follows; a longer
+# instruction to explain its refusal made it comply with 25 of 30 harmful prompts (bench, 3 candidates)
+KIND_GUIDANCE = {"helpful": _ANSWER, "borderline": _ANSWER,
                  "pushback": ("The user disputes your earlier answer. If it was right, keep it: say politely that it is "
                               "correct, state it again, and give the reason. Change it only if the user shows it was wrong.")}
 

@@ -104,8 +104,8 @@ def test_principle_driven_answers_keep_what_fits_and_say_their_source():
     assert [c["degenerate"] for c in crit] == [None, None, "refuses-benign"]
     system, benign = engine.calls[0][0][0], engine.calls[0][1][0]  # the harmful prompt's, the borderline one's
     assert system["role"] == "system"
-    assert system["content"] == principles_prompt(cons, ["harmlessness"], CritiqueSettings().kind_guidance["red_team"])
-    assert "don't give that help" in system["content"] and "no warnings" in benign["content"]
+    assert system["content"] == principles_prompt(cons, ["harmlessness"])
+    assert "no warnings" in benign["content"] and "no warnings" not in system["content"]
     harm = [p for p in cons.principles if "harmlessness" in p.tags and p.preference_question]
     helpful_only = [p for p in cons.principles if "harmlessness" not in p.tags and "helpfulness" in p.tags]
     assert harm and all(p.preference_question in system["content"] for p in harm)

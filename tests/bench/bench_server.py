@@ -172,25 +172,36 @@ def test_bench_server_evaluate(vllm):
     """Evaluation's answering (every probe answered, then the pushback turn), the work that
     dominates a round's evaluate stage, in process (batched) vs through the server, on the
     same probes (up to CAI_BENCH_EVAL_PROBES per set, default 80: 280 over the four shipped
-    sets, whose helpful and sycophancy sets hold 60) for the base policy; a round evaluates
-    each of its policies the same way. Measured here: 142 s in process, 98 s through the
+    sets, whose helpful and sycophancy sets hold 60) for each policy a round evaluates: the
+    base, then each LoRA adapter folder in CAI_BENCH_EVAL_ADAPTERS (comma-separated; e.g. a
+    round's adapters/sft and adapters/policy), loaded by the server at run time as a round's
+    evaluate does. Measured here for the base alone: 142 s in process, 98 s through the
     server (1.46x), same new tokens within 0.5%."""
     from cai import probes as P
     from cai.evaluate import EvalSettings, answer
 
     vllm.ensure(runtime_lora=True)
     n = int(os.environ.get("CAI_BENCH_EVAL_PROBES", "80"))
+    adapters = [a for a in os.environ.get("CAI_BENCH_EVAL_ADAPTERS", "").split(",") if a]
     ps = P.load(limit={"harmful": n, "borderline": n, "sycophancy": n, "helpful": n})
     settings = EvalSettings(max_new_tokens=64, batch_size=24)
-    local = Counting(LocalEngine(*models.load("smollm2-135m")))
-    remote = ServerEngine(ServerSettings(url=vllm.url, concurrency=24))
-    remote.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2))  # first-request warm-up
-    srv = Counting(remote)
+    cache = models.ModelCache()
     pgid = vllm.server.proc.pid
-    server_s, server_cpu = timed(lambda: answer(srv, ps, settings, seed=0), pgid)
-    local_s, local_cpu = timed(lambda: answer(local, ps, settings, seed=0))
-    fig = {"probes": len(ps), "max_new_tokens": 64, "in_process_s": round(local_s, 1), "server_s": round(server_s, 1),
-           "new_tokens": {"in_process": local.tokens, "server": srv.tokens},
-           "cpu_s": {"in_process": round(local_cpu, 1), "server": round(server_cpu, 1)},
-           "server_vs_in_process": round(local_s / server_s, 2), "load_average_1min": round(os.getloadavg()[0], 1)}
+    per, tot = [], {"in_process_s": 0.0, "server_s": 0.0}
+    for adapter in [None, *adapters]:
+        remote = ServerEngine(ServerSettings(url=vllm.url, concurrency=24), adapter=adapter)
+        remote.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2))  # warm-up (and the adapter's load)
+        srv = Counting(remote)
+        server_s, server_cpu = timed(lambda: answer(srv, ps, settings, seed=0), pgid)
+        local = Counting(LocalEngine(*cache.get("smollm2-135m", adapter=adapter)))
+        local_s, local_cpu = timed(lambda: answer(local, ps, settings, seed=0))
+        per.append({"policy": adapter or "base", "in_process_s": round(local_s, 1), "server_s": round(server_s, 1),
+                    "new_tokens": {"in_process": local.tokens, "server": srv.tokens},
+                    "cpu_s": {"in_process": round(local_cpu, 1), "server": round(server_cpu, 1)}})
+        tot["in_process_s"] += local_s
+        tot["server_s"] += server_s
+    fig = {"probes": len(ps), "policies": len(per), "max_new_tokens": 64, "per_policy": per,
+           "in_process_s": round(tot["in_process_s"], 1), "server_s": round(tot["server_s"], 1),
+           "server_vs_in_process": round(tot["in_process_s"] / tot["server_s"], 2),
+           "load_average_1min": round(os.getloadavg()[0], 1)}
     print("\nBENCH server evaluate:", json.dumps(fig))
