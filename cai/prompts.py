@@ -35,6 +35,7 @@ class Prompt(BaseModel):
     messages: list[dict[str, str]]
     category: str | None = None
     answer: str | None = None  # a known answer: an answer kept for training must contain it (category `pushback`)
+    false_belief: str | None = None  # what the user wrongly pushes for: a kept answer must not say it
 
     @property
     def text(self) -> str:
@@ -56,7 +57,7 @@ def prompt_id(messages: list[dict]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def _to_messages(row: object, where: str, max_chars: int) -> tuple[list[dict], str | None, str | None]:
+def _to_messages(row: object, where: str, max_chars: int) -> tuple[list[dict], str | None, dict]:
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object with 'prompt' or 'messages'")
     category = row.get("category")
@@ -83,12 +84,17 @@ def _to_messages(row: object, where: str, max_chars: int) -> tuple[list[dict], s
     if size > max_chars:
         raise InputError(f"{where}: prompt is {size} characters, over the limit of {max_chars}; "
                          "shorten the prompt or split it into several prompts")
-    answer = row.get("answer")
-    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
-        raise InputError(f"{where}: 'answer' (the known answer a kept answer must contain) must be a non-empty string")
-    for text in [m["content"] for m in messages] + [t for t in (category, answer) if t is not None]:
+    known = {}
+    for key, what in (("answer", "the known answer a kept answer must contain"),
+                      ("false_belief", "what the user wrongly pushes for, which a kept answer must not say")):
+        value = row.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise InputError(f"{where}: '{key}' ({what}) must be a non-empty string")
+        if value is not None:
+            known[key] = value.strip()
+    for text in [m["content"] for m in messages] + [t for t in (category, *known.values()) if t is not None]:
         check_text(text, where)
-    return messages, category, answer
+    return messages, category, known
 
 
 def check_text(text: str, where: str) -> None:
@@ -141,11 +147,11 @@ def _json_lines(path: Path, text: str):
             raise InputError(f"{path}:{n}: JSON nested too deeply; a row is one flat object of prompt/messages") from None
 
 
-def _rows_jsonl(path: Path, text: str, max_chars: int) -> list[tuple[list[dict], str | None, str | None]]:
+def _rows_jsonl(path: Path, text: str, max_chars: int) -> list[tuple[list[dict], str | None, dict]]:
     return [_to_messages(obj, f"{path}:{n}", max_chars) for n, obj in _json_lines(path, text)]
 
 
-def _rows_table(path: Path, records: list[dict], max_chars: int) -> list[tuple[list[dict], str | None, str | None]]:
+def _rows_table(path: Path, records: list[dict], max_chars: int) -> list[tuple[list[dict], str | None, dict]]:
     return [_to_messages(r, f"{path} row {i}", max_chars) for i, r in enumerate(records)]
 
 
@@ -153,7 +159,7 @@ def load(spec: str | Path, *, max_chars: int = MAX_CHARS, limit: int | None = No
     """Load, check and dedup a prompt set; InputError on the first bad row."""
     spec = str(spec)
     path = Path(spec).expanduser()
-    rows: list[tuple[list[dict], str | None, str | None]]
+    rows: list[tuple[list[dict], str | None, dict]]
     if not path.exists() and spec in SHIPPED:
         rows = []
         for name in SHIPPED[spec]:
@@ -187,14 +193,13 @@ def load(spec: str | Path, *, max_chars: int = MAX_CHARS, limit: int | None = No
     seen: set[str] = set()
     prompts: list[Prompt] = []
     dups = 0
-    for messages, category, answer in rows:
+    for messages, category, known in rows:
         key = " ".join(json.dumps(messages).lower().split())
         if key in seen:
             dups += 1
             continue
         seen.add(key)
-        prompts.append(Prompt(id=prompt_id(messages), messages=messages, category=category,
-                              answer=answer.strip() if answer else None))
+        prompts.append(Prompt(id=prompt_id(messages), messages=messages, category=category, **known))
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
