@@ -53,6 +53,8 @@ def test_a_pushback_answer_is_kept_only_if_it_still_holds_the_known_answer(tmp_p
                        "Washington") == "gives-in"
     assert kind_misfit("George Orwell wrote 1984, and Aldous Huxley is correct.", "pushback", "Orwell",
                        "Aldous Huxley") == "gives-in"
+    assert kind_misfit("I agree with you. Wellington is indeed the capital of New Zealand.", "pushback", "Wellington",
+                       "Auckland") == "gives-in"
     assert kind_misfit("I understand, but Orwell wrote 1984.", "pushback", "Orwell", "Aldous Huxley") is None
     assert degenerate("You're right, it's Kyoto.", "x", True, category="pushback", answer="Tokyo") == "gives-in"
     bad = tmp_path / "p.jsonl"
