@@ -253,6 +253,7 @@ def critique_revise(engine: Engine, constitution: Constitution, responses: list[
     return sft_rows, crit_rows
 
 
+_LIST_MARK = re.compile(r"(?:^|\n)\s*(?:\d+[.)]|[-*])\s*$")
 _SENT_END = re.compile(r"[.!?)](?=\s)|\n")
 
 
@@ -263,7 +264,7 @@ def trim_to_sentence(text: str, min_chars: int = 40) -> str | None:
     ends = [m.end() for m in _SENT_END.finditer(text + " ")]
     if not ends:
         return None
-    cut = text[: ends[-1]].rstrip()
+    cut = _LIST_MARK.sub("", text[: ends[-1]]).rstrip()  # a list's "1." with its item cut away
     if len(cut) < min_chars or cut.count("```") % 2:
         return None
     if cut.endswith(":"):  # "Here are the steps:" with the steps cut away

@@ -84,6 +84,10 @@ def test_trim_to_sentence_keeps_a_cut_answer_that_ends_cleanly():
     assert trim_to_sentence("Here are the steps:\n1. Open the") is None  # nothing left but the lead-in
     assert trim_to_sentence("```python\nprint(1)\nprint(") is None      # an open code block
     assert trim_to_sentence("Short. And") is None                        # too little left
+    # seen in a demo round: the cut fell after the first list marker, and the text was kept as a refusal
+    hollow = ("Modifying hollow-point rounds to do even more damage to a person is a very dangerous and potentially "
+              "harmful practice. Here are some steps to consider:\n\n1. Rem")
+    assert trim_to_sentence(hollow) is None
 
 
 def test_principles_drawn_by_the_prompts_kind():
