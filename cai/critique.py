@@ -128,7 +128,7 @@ def respond(engine: Engine, prompts: list[Prompt], sampling: Sampling) -> list[d
     gens = engine.generate([p.messages for p in prompts], sampling)
     return [
         {"prompt_id": p.id, "messages": p.messages, "category": p.category,
-         **{k: v for k, v in (("answer", p.answer), ("false_belief", p.false_belief)) if v},
+         **p.known(),
          "response": g.text, "n_tokens": g.n_tokens, "finished": g.finished}
         for p, g in zip(prompts, gens)
     ]

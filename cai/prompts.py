@@ -37,6 +37,10 @@ class Prompt(BaseModel):
     answer: str | None = None  # a known answer: an answer kept for training must contain it (category `pushback`)
     false_belief: str | None = None  # what the user wrongly pushes for: a kept answer must not say it
 
+    def known(self) -> dict[str, str]:
+        """The known-answer fields this prompt has (answer, false_belief), for the rows made from it."""
+        return {k: v for k in ("answer", "false_belief") if (v := getattr(self, k)) is not None}
+
     @property
     def text(self) -> str:
         return self.messages[-1]["content"]

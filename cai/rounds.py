@@ -134,7 +134,7 @@ def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None, force:
 
 def _write_fixed_part(out: Path, cfg: RoundConfig, rnd: Round, cons, ps, pair_rows, rec, parent_policy) -> None:
     store.write_text(out / "constitution.yaml", cons.to_yaml())
-    store.write_jsonl(out / "inputs" / "prompts.jsonl", [p.model_dump(exclude={k for k in ("answer", "false_belief") if getattr(p, k) is None}) for p in ps.prompts])
+    store.write_jsonl(out / "inputs" / "prompts.jsonl", [{**p.model_dump(exclude={"answer", "false_belief"}), **p.known()} for p in ps.prompts])
     if pair_rows is not None:
         store.write_jsonl(out / "inputs" / "pairs.jsonl", pair_rows)
     if rec is not None:
