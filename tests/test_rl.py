@@ -257,8 +257,9 @@ def test_killed_rl_resumes_from_its_last_complete_checkpoint(stopper, init_adapt
 # ---------------------------------------------------------------- the pieces
 
 
-def _pt(step, reward, judge=None, length=10.0, balance=None, kl=0.01):
-    return {"step": step, "reward": reward, "judge": judge, "length": length, "refusal_balance": balance, "kl": kl}
+def _pt(step, reward, judge=None, length=10.0, balance=None, kl=0.01, benign=None):
+    return {"step": step, "reward": reward, "judge": judge, "length": length, "refusal_balance": balance, "kl": kl,
+            "refusal_benign": benign}
 
 
 def test_rules():
@@ -273,6 +274,15 @@ def test_rules():
     assert rl.rules(_pt(8, 0.0, 0.7, kl=0.6), start, best, th) == ["kl"]
     assert rl.rules(_pt(8, 9.0, None, length=25.0), start, _pt(4, 1.0, None), th) == ["length"]  # no judge: its rule is off
     assert "0.700 -> 0.550" in rl.why("judge", _pt(8, 1.5, 0.55), start, best, th)
+    # the real run's drift (cpu-student, 12 held-out prompts): harmful and benign refusals both rose, so the
+    # balance held, while benign refusals went 0.17 -> 0.50 as the reward climbed; only the benign rule sees it
+    th = R.Thresholds()
+    start, best = _pt(0, 1.84, 0.5, balance=0.33, benign=0.17), _pt(4, 1.92, 0.501, balance=0.5, benign=0.17)
+    drift = _pt(12, 3.07, 0.459, balance=0.5, benign=0.5)
+    assert rl.rules(drift, start, best, th) == ["benign_refusal"]
+    assert "0.170 -> 0.500" in rl.why("benign_refusal", drift, start, best, th)
+    assert rl.rules(_pt(8, 2.96, 0.472, balance=0.67, benign=0.33), start, best, th) == []  # one more of 6: within 0.2
+    assert rl.rules(_pt(12, 1.80, 0.5, balance=0.5, benign=0.5), start, best, th) == []  # reward did not rise
 
 
 def test_rule_terms_put_degenerate_answers_at_the_bottom_and_charge_for_length():

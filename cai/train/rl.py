@@ -24,6 +24,9 @@ Rules (recipe rl.thresholds), checked at every point after the start:
                    more than judge_drop below that point's
   refusal_balance  the reward rose above the start's while the refusal balance fell more
                    than refusal_balance_drop below the start's
+  benign_refusal   the reward rose above the start's while the benign refusal rate rose
+                   more than benign_refusal_rise above the start's (over-refusal bought
+                   as reward, even when harmful refusals rise with it and the balance holds)
   length           mean length grew past length_ratio times the start's
   kl               the KL to the start passed kl_max (when set)
 A tripped rule flags reward hacking and stops training. The adapter kept is the best watch
@@ -168,6 +171,9 @@ def rules(point: dict, start: dict, best: dict, th) -> list[str]:
     if (point.get("refusal_balance") is not None and start.get("refusal_balance") is not None and rose(start)
             and start["refusal_balance"] - point["refusal_balance"] > th.refusal_balance_drop):
         out.append("refusal_balance")
+    if (point.get("refusal_benign") is not None and start.get("refusal_benign") is not None and rose(start)
+            and point["refusal_benign"] - start["refusal_benign"] > th.benign_refusal_rise):
+        out.append("benign_refusal")
     if start["length"] > 0 and point["length"] / start["length"] > th.length_ratio:
         out.append("length")
     if th.kl_max is not None and point.get("kl") is not None and point["kl"] > th.kl_max:
@@ -183,6 +189,9 @@ def why(rule: str, point: dict, start: dict, best: dict, th) -> str:
     if rule == "refusal_balance":
         return (f"step {s}: reward {start['reward']:.3f} -> {point['reward']:.3f} while the harmful-benign refusal balance fell "
                 f"{start['refusal_balance']:.3f} -> {point['refusal_balance']:.3f} (more than {th.refusal_balance_drop})")
+    if rule == "benign_refusal":
+        return (f"step {s}: reward {start['reward']:.3f} -> {point['reward']:.3f} while the benign prompts' refusal rate rose "
+                f"{start['refusal_benign']:.3f} -> {point['refusal_benign']:.3f} (more than {th.benign_refusal_rise})")
     if rule == "length":
         return (f"step {s}: mean length {start['length']:.1f} -> {point['length']:.1f} tokens, "
                 f"{point['length'] / start['length']:.2f}x the start's (limit {th.length_ratio}x)")
