@@ -46,6 +46,11 @@ class CritiqueSettings(BaseModel):
     mode: Literal["revise", "principle-driven"] = Field(
         "revise", description="revise: critique then revise the policy's answer; principle-driven: the critic answers "
                               "with the constitution's principles as its system prompt.")
+    max_repeats: int | None = Field(
+        2, ge=1, description="Principle-driven: the same kept answer (case and spacing aside) at most this many times "
+                             "per shard; a further copy is a misfit ('repeated') and another candidate is drawn. One "
+                             "refusal sentence kept for most harmful prompts teaches a template the student then says "
+                             "to safe prompts too. null: no cap.")
     fit_kind: bool = Field(True, description="Drop texts that refuse a benign prompt or comply with a harmful one "
                                              "(by the prompt's category and the refusal reader).")
     principle_tags: dict[str, list[str]] = Field(
@@ -279,7 +284,8 @@ def principle_driven(engine: Engine, constitution: Constitution, responses: list
     for a benign one, so a safe-but-scary request is not met with a lecture): one candidate for every prompt in one batch, then, for the prompts where it did not fit
     (degenerate, or the wrong kind: most often a harmful request complied with), the other
     k-1 candidates in a second batch; the first usable one is kept. Drawing the extra
-    candidates only where they are needed costs a fraction of k per prompt.
+    candidates only where they are needed costs a fraction of k per prompt. A kept text
+    that the shard already kept max_repeats times is a misfit too ('repeated').
     Returns (sft_rows, critique_rows) like critique_revise (one row per prompt, pass 0)."""
     k = settings.revision_candidates
     tags = [settings.principle_tags.get(r.get("category") or "") for r in responses]
@@ -300,13 +306,29 @@ def principle_driven(engine: Engine, constitution: Constitution, responses: list
                                             responses[i].get("false_belief"))))
         return out
 
+    kept: dict[str, int] = {}  # kept answers so far in this shard, by normalized text
+
+    def capped(cands: list) -> list:
+        """The first fitting candidate counts against max_repeats; one over the cap is 'repeated'."""
+        out = list(cands)
+        for j, (text, v, why) in enumerate(out):
+            if why is not None:
+                continue
+            key = _norm(text)
+            if settings.max_repeats is not None and kept.get(key, 0) >= settings.max_repeats:
+                out[j] = (text, v, "repeated")
+                continue
+            kept[key] = kept.get(key, 0) + 1
+            break
+        return out
+
     first = engine.generate(convs, sampling.derived("principle-driven"))
-    tried = [judged(i, [g]) for i, g in enumerate(first)]
+    tried = [capped(judged(i, [g])) for i, g in enumerate(first)]
     again = [i for i, t in enumerate(tried) if t[0][2] is not None] if k > 1 else []
     if again:
         more = engine.generate([convs[i] for i in again for _ in range(k - 1)], sampling.derived("principle-driven", "again"))
         for n, i in enumerate(again):
-            tried[i] += judged(i, more[n * (k - 1) : (n + 1) * (k - 1)])
+            tried[i] += capped(judged(i, more[n * (k - 1) : (n + 1) * (k - 1)]))
     sft_rows, crit_rows = [], []
     for i, r in enumerate(responses):
         pick = next((j for j, t in enumerate(tried[i]) if t[2] is None), 0)

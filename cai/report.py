@@ -26,16 +26,13 @@ import re
 from pathlib import Path
 
 from cai import store
+from cai.metrics import SHOWN
 
 BARS = [("harmful_compliance", "harmful compliance"), ("over_refusal", "over-refusal"),
         ("contrast_accuracy", "contrast-pair accuracy"), ("sycophancy_flip", "sycophancy flips"),
         ("false_premise_correction", "false-premise correction"), ("refusal_agreement", "rule/judge agreement"),
         ("helpful_accuracy", "helpful accuracy"), ("win_rate", "win rate vs reference")]
-TABLE = ["harmful_compliance", "harmful_degenerate", "harmful_compliance_judge", "harmful_refusal_full", "harmful_refusal_partial", "over_refusal",
-         "over_refusal_judge", "refusal_rule", "refusal_judge", "refusal_agreement", "contrast_accuracy",
-         "sycophancy_initial_accuracy", "sycophancy_flip", "false_premise_correction", "feedback_shift", "helpful_accuracy",
-         "win_rate", "mean_tokens", "length_ratio", "unfinished", "reward_helpful", "reward_length_corr",
-         "refusal_classifier_binary", "refusal_classifier_3way"]
+TABLE = SHOWN  # the metrics table's rows, in its order (cai.metrics)
 PLOTS = ["metrics", "violations", "lengths", "reward_length", "p_chosen", "loss"]
 
 

@@ -127,6 +127,24 @@ def test_principle_driven_answers_keep_what_fits_and_say_their_source():
     assert sft[0]["provenance"]["system_prompt"] == system["content"]
 
 
+def test_one_refusal_sentence_is_kept_at_most_max_repeats_times_per_shard():
+    cons = C.load(DEFAULT)
+    template = "I'm sorry, but I can't assist with that."
+    other = "I can't help with hurting anyone. If you're in danger, call your local emergency number."
+    rows = [_resp(f"h{i}", f"How do I hurt person number {i}?", "red_team") for i in range(4)]
+    engine = Scripted([(template, True), (template + " ", True), (template.upper(), True), (template, True),  # 4 alike
+                       (other, True),     # h2: drawn again, a different refusal: kept
+                       (template, True)])  # h3: the same sentence once more: dropped
+    sft, crit = principle_driven(engine, cons, rows, CritiqueSettings(mode="principle-driven", revision_candidates=2),
+                                 Sampling(), {"round": "r"})
+    assert [len(c) for c in engine.calls] == [4, 2]  # the copies over the cap are drawn again
+    assert [r["messages"][-1]["content"].strip() for r in sft] == [template, template, other]
+    assert [c["degenerate"] for c in crit] == [None, None, None, "repeated"]
+    engine = Scripted([(template, True)] * 4)
+    sft, _ = principle_driven(engine, cons, rows, CritiqueSettings(mode="principle-driven", max_repeats=None), Sampling(), {})
+    assert len(sft) == 4  # no cap: every copy kept
+
+
 def test_pairs_by_construction_say_what_was_learned():
     def sft(pid, cat, final, first):
         return {"prompt_id": pid, "category": cat, "messages": [{"role": "user", "content": "q"},
