@@ -559,3 +559,7 @@ def gate_failures(round_dir: Path) -> list[str]:
         raise InputError(f"{path}: not an evaluation report (no gate verdict); run the round's evaluate stage again "
                          "(remove report/ and `cai round resume`)")
     return [] if gate["passed"] else [str(r) for r in gate.get("reasons") or ["the gate failed"]]
+
+
+if __name__ == "__main__":  # docs/metrics.md: the metrics table with the shipped gate's rules
+    print(metrics_table.markdown(load_gate("shipped").rules), end="")

@@ -349,7 +349,7 @@ def markdown(gate_rules: list | None = None) -> str:
              "What `cai eval` and a round's evaluate stage report for each policy (report/metrics.json,",
              "the report's table, `cai round report`). Rates carry a Wilson 95% interval, means a normal one,",
              "the length ratio a bootstrap one; every figure says its n. This file is written from the table",
-             "in `cai/metrics.py` (`python -m cai.metrics > docs/metrics.md`); a test keeps them equal.", "",
+             "in `cai/metrics.py` (`python -m cai.evaluate > docs/metrics.md`); a test keeps them equal.", "",
              "| metric | probes | shows | worse when | shipped gate | what it means |", "|---|---|---|---|---|---|"]
     for m in METRICS:
         name = f"`{m.name}.<{'principle' if m.shows == 'rates by principle' else 'tag'}>`" if m.group else f"`{m.name}`"
@@ -358,8 +358,3 @@ def markdown(gate_rules: list | None = None) -> str:
                      f"| {m.means} |")
     return "\n".join(lines) + "\n"
 
-
-if __name__ == "__main__":
-    from cai.evaluate import load_gate
-
-    print(markdown(load_gate("shipped").rules), end="")

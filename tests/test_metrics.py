@@ -56,4 +56,4 @@ def test_the_gate_and_the_report_read_the_table():
 def test_docs_are_the_table():
     doc = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
     assert doc.read_text() == metrics.markdown(evaluate.load_gate("shipped").rules), (
-        "docs/metrics.md is out of date: run `python -m cai.metrics > docs/metrics.md`")
+        "docs/metrics.md is out of date: run `python -m cai.evaluate > docs/metrics.md`")
