@@ -237,10 +237,6 @@ class Metric:
     compares: bool = False  # needs the reference policy's rows: made for every other policy only
     group: bool = False  # one rate per principle or tag; a gate rule names group.key
 
-    @property
-    def kind(self) -> str:
-        return "group" if self.group else "metric"
-
 
 M = Metric
 METRICS: list[Metric] = [
