@@ -164,6 +164,10 @@ def clean(text: str) -> str:
 # a revision that talks about "the response" instead of being one (small models often do)
 _META = re.compile(r"^\W*(the|this|my|your)\s+(previous\s+|original\s+|revised\s+|assistant'?s?\s+|last\s+)*"
                    r"(response|answer|assistant|critique|revision|statement)\b|^\W*the\s+user\b", re.I)
+# or one that says what it would do instead of doing it, in its instructions' words ("Given the context and
+# the warning, I would most likely decline brief and offer a safe alternative.": the 0.5B teacher, kept once)
+_WOULD = re.compile(r"\bI would (most |very )?(likely |probably )?(decline|refuse)\b|\bdecline brief\b|"
+                    r"^\W*given the (context|instructions?|warning|principles)\b", re.I)
 
 
 def degenerate(revision: str, previous: str, finished: bool, critique: str | None = None,
@@ -171,7 +175,7 @@ def degenerate(revision: str, previous: str, finished: bool, critique: str | Non
                system: str | None = None, answer: str | None = None, false_belief: str | None = None) -> str | None:
     """Why a revision is unusable, or None: empty, unchanged, truncated, repetitive, a copy
     of the critique, a copy of a worked example's text, meta (it comments on "the
-    response" or "the user" instead of answering), reciting its system prompt (8 words in
+    response" or "the user", or says what it would do: "I would decline"), reciting its system prompt (8 words in
     a row), or (given the prompt's category) not fitting the prompt's kind (kind_misfit)."""
     if not revision.strip():
         return "empty"
@@ -185,7 +189,7 @@ def degenerate(revision: str, previous: str, finished: bool, critique: str | Non
         return "copies-critique"
     if any(copies(revision, ex) for ex in examples):
         return "copies-example"
-    if _META.match(revision):
+    if _META.match(revision) or _WOULD.search(revision):
         return "meta"
     if request and copies(revision, request):
         return "copies-prompt"

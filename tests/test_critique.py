@@ -31,6 +31,11 @@ def test_degenerate_kinds():
     assert degenerate("The response is very safe and will always be the best option.", "old", True, crit) == "meta"
     assert degenerate("The assistant's response is too long.", "old", True) == "meta"
     assert degenerate("The Eiffel Tower is 330 m tall.", "old", True, crit) is None  # an answer, not meta
+    # what it would do, in its instructions' words (the 0.5B teacher's, kept once before this check)
+    assert degenerate("Given the context and the warning, I would most likely decline brief and offer a safe "
+                      "alternative. Blowing up a mailbox is dangerous.", "old", True) == "meta"
+    assert degenerate("I would refuse to write that; here is why.", "old", True) == "meta"
+    assert degenerate("I'm sorry, but I can't help with that. I would suggest talking to a counselor.", "old", True) is None
 
 
 def test_critique_revise_on_tiny_model(tiny):

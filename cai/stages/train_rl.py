@@ -53,7 +53,7 @@ def run(ctx: Ctx) -> bool:
     judge = _judge(ctx)
     reward = _reward(ctx)
     j = training.job(ctx)
-    prompts = [{"prompt_id": p.id, "messages": p.messages, "category": p.category} for p in ctx.prompts()]
+    prompts = [{"prompt_id": p.id, "messages": p.messages, "category": p.category, **p.known()} for p in ctx.prompts()]
     return rl.train(j.base_path, prompts, j.target, j.ckpt, j.recipe, j.card(ctx, "RL policy", {}, j.init),
                     init_adapter=j.init, reward=reward, judge=judge, guard=ctx.guard)
 

@@ -117,6 +117,9 @@ class RL(_Strict):
     benign_categories: list[str] = Field(default_factory=lambda: ["helpful", "borderline", "benign", "pushback"])
     length_penalty: float = Field(0.0, ge=0, description="Reward minus this times (answer tokens / max_completion_length).")
     degenerate_bottom: bool = Field(True, description="Degenerate answers (critique's checks) score below the batch's lowest.")
+    kind_fit: float = Field(0.0, ge=0, description="Rule term: plus this for an answer that fits its prompt's kind (declines a "
+                            "harmful prompt, answers a benign one and, under pushback, keeps the known answer: the critique "
+                            "stage's kind check), minus it for one that does not; 0 for a prompt of no known kind. 0: off.")
     thresholds: Thresholds = Field(default_factory=Thresholds)
 
     @model_validator(mode="after")
@@ -130,7 +133,7 @@ class RL(_Strict):
 
 OURS = {"min_rows", "heldout_fraction", "soft_labels", "weight_by_confidence",  # not TRL's: never passed to it
         "heldout", "watch_every", "watch_temperature", "harmful_categories", "benign_categories", "length_penalty",
-        "degenerate_bottom", "thresholds"}
+        "degenerate_bottom", "kind_fit", "thresholds"}
 
 
 class Recipe(_Strict):
@@ -209,4 +212,5 @@ def dpo_config(recipe: Recipe, output_dir: Path):
 def rl_config(recipe: Recipe, output_dir: Path):
     from trl import RLOOConfig
 
-    return RLOOConfig(**_common(recipe, recipe.rl, output_dir))
+    # the prompts' category, answer and false_belief columns reach the reward function (kind_fit)
+    return RLOOConfig(**{**_common(recipe, recipe.rl, output_dir), "remove_unused_columns": False})

@@ -3,9 +3,13 @@ QLoRA on the policy, starting from the SFT adapter, KL to that start), and the w
 stops it when the reward is being hacked.
 
 The reward the trainer optimizes is the caller's `reward(prompts, completions)` (the
-round's reward model) plus the recipe's rule terms: a length penalty, and degenerate
-answers (the critique stage's checks: empty, repetitive, meta, a copy of the prompt)
-scored below the lowest answer of their batch.
+round's reward model) plus the recipe's rule terms: a length penalty; `kind_fit` (plus it
+for an answer that fits its prompt's kind, minus it for one that does not, by the critique
+stage's kind check: a rule-based reward in the sense of Mu et al. 2024, which pays for the
+discrimination a learned reward model may not have); and degenerate answers (the critique
+stage's checks: empty, repetitive, meta, a copy of the prompt) scored below the lowest
+answer of their batch. With kind_fit on, the watch's refusal rates measure what is being
+optimized; the judge stays the independent judgement.
 
 The watch (`Watch`, a TrainerCallback) runs at the start and every `watch_every` steps on
 a held-out slice of the prompts (never trained on), with the policy's own answers
@@ -76,7 +80,8 @@ def prompt_rows(prompts: list[dict]) -> list[dict]:
     for r in prompts:
         msgs = _messages(r)
         pid = r.get("prompt_id") or r.get("id") or hashlib.sha256(json.dumps(msgs).encode()).hexdigest()[:16]
-        out.append({"prompt": msgs, "category": r.get("category"), "prompt_id": str(pid)})
+        out.append({"prompt": msgs, "category": r.get("category"), "prompt_id": str(pid),
+                    "answer": r.get("answer"), "false_belief": r.get("false_belief")})
     return out
 
 
@@ -128,10 +133,24 @@ def degenerate(prompt: str, answer: str) -> str | None:
     return check(answer, prompt, True, request=prompt)
 
 
-def shape(raw: list[float], prompts: list[str], answers: list[str], n_tokens: list[int], rl: RL) -> tuple[list[float], int]:
+def fits(answers: list[str], kinds: list[dict]) -> list[int]:
+    """Per answer: 1 when it fits its prompt's kind (`kinds`: category, answer, false_belief),
+    -1 when it does not (critique.kind_misfit), 0 for a prompt of no known kind."""
+    from cai.critique import BENIGN, HARMFUL, kind_misfit
+
+    return [0 if k.get("category") not in HARMFUL + BENIGN
+            else -1 if kind_misfit(a, k["category"], k.get("answer"), k.get("false_belief")) else 1
+            for a, k in zip(answers, kinds)]
+
+
+def shape(raw: list[float], prompts: list[str], answers: list[str], n_tokens: list[int], rl: RL,
+          kinds: list[dict] | None = None) -> tuple[list[float], int]:
     """The recipe's rule terms on top of the reward: minus length_penalty * tokens /
-    max_completion_length; degenerate answers 1 below the batch's lowest. (rewards, degenerate count)."""
+    max_completion_length; plus kind_fit times fits() (when `kinds` are given); degenerate
+    answers 1 below the batch's lowest. (rewards, degenerate count)."""
     out = [r - rl.length_penalty * n / rl.max_completion_length for r, n in zip(raw, n_tokens)]
+    if rl.kind_fit and kinds is not None:
+        out = [x + rl.kind_fit * f for x, f in zip(out, fits(answers, kinds))]
     if not rl.degenerate_bottom:
         return out, 0
     bad = [degenerate(p, a) is not None for p, a in zip(prompts, answers)]
@@ -144,14 +163,20 @@ def shape(raw: list[float], prompts: list[str], answers: list[str], n_tokens: li
 def reward_func(reward: Reward, rl: RL):
     """The callable TRL calls (its name, 'reward', names TRL's logged rewards/reward/mean)."""
 
-    def reward_(prompts, completions, completion_ids=None, log_metric=None, **_):
+    def reward_(prompts, completions, completion_ids=None, log_metric=None, category=None, answer=None,
+                false_belief=None, **_):
         p, c = [_text(x) for x in prompts], [_content(x) for x in completions]
         raw = [float(x) for x in reward(p, c)]
         n = [len(ids) for ids in completion_ids] if completion_ids is not None else [len(a.split()) for a in c]
-        out, bad = shape(raw, p, c, n, rl)
+        kinds = None if category is None else [
+            {"category": k or None, "answer": a or None, "false_belief": f or None}
+            for k, a, f in zip(category, answer or [None] * len(c), false_belief or [None] * len(c))]
+        out, bad = shape(raw, p, c, n, rl, kinds)
         if log_metric is not None:
             log_metric("reward_raw", sum(raw) / len(raw))
             log_metric("degenerate_frac", bad / len(raw))
+            if kinds is not None and rl.kind_fit:
+                log_metric("kind_fit", sum(fits(c, kinds)) / len(c))
         return out
 
     reward_.__name__ = "reward"
@@ -486,7 +511,8 @@ def train(base_path: str, prompts: list[dict], target: Path, ckpt: Path, recipe:
     model, tok = common.load_base(base_path, recipe)
     model, peft_config = common.start_from(model, recipe, init_adapter)  # TRL copies a pretrained start into "ref"
     resume = common.last_complete_checkpoint(ckpt)
-    ds = Dataset.from_list([{"prompt": r["prompt"], "category": r["category"] or ""} for r in train_rows])
+    ds = Dataset.from_list([{"prompt": r["prompt"], "category": r["category"] or "", "answer": r["answer"] or "",
+                             "false_belief": r["false_belief"] or ""} for r in train_rows])
     trainer = RLOOTrainer(model=model, reward_funcs=reward_func(reward, rl), args=rl_config(recipe, ckpt), train_dataset=ds,
                        processing_class=tok, peft_config=peft_config)
     # TRL casts QLoRA adapters to bf16; on a CPU that is many times slower than the recipe's compute dtype

@@ -14,7 +14,9 @@ kept answer over the student's first answer: refusals of harmful prompts, real a
 safe-but-scary ones, held answers under pushback), RL starts from that round's SFT adapter on
 prompts of the `train` mix the round did not use, and the judge is the embedded
 Qwen2.5-0.5B (CAI_BENCH_RL_JUDGE). Knobs: CAI_BENCH_RL_STEPS (default 24), CAI_BENCH_RL_PROMPTS
-(default 64), CAI_BENCH_RL_SKIP (prompts of the mix the round used, default 280).
+(default 64), CAI_BENCH_RL_SKIP (prompts of the mix the round used, default 280), CAI_BENCH_RL_KIND_FIT (the
+rule term paying for answers that fit their prompt's kind; default: the recipe's), CAI_BENCH_RL_LR (default: the
+recipe's), CAI_BENCH_RL_REWARD (a reward model folder an earlier run trained: skips training one).
 """
 
 import json
@@ -57,15 +59,19 @@ def test_bench_rl(tmp_path):
         steps = int(os.environ.get("CAI_BENCH_RL_STEPS", "24"))
         rec = rec.model_copy(update={
             "reward": rec.reward.model_copy(update={"max_steps": 60, "heldout_fraction": 0.2, "save_steps": 100}),
-            "rl": rec.rl.model_copy(update={"max_steps": steps, "watch_every": max(1, steps // 6), "save_steps": 4})})
+            "rl": rec.rl.model_copy(update={"max_steps": steps, "watch_every": max(1, steps // 6), "save_steps": 4,
+                                            "kind_fit": float(os.environ.get("CAI_BENCH_RL_KIND_FIT", rec.rl.kind_fit)),
+                                            "learning_rate": float(os.environ.get("CAI_BENCH_RL_LR", rec.rl.learning_rate))})})
         prefs, init = _round_prefs(rd, tmp_path / "prefs.jsonl"), str(rd / "adapters" / "sft")
         skip, n = int(os.environ.get("CAI_BENCH_RL_SKIP", "280")), int(os.environ.get("CAI_BENCH_RL_PROMPTS", "64"))
         ps = prompts.load("train").prompts[skip : skip + n]
     rm_card = common.card_base(kind="reward model", base_model=models.EMBEDDED, round_id="bench", parent=None,
                                constitution_hash=None, recipe=rec, datasets={}, base_path=base)
-    assert reward_stage.train(base, prefs, tmp_path / "rm", tmp_path / "rm-ck", rec, rm_card)
-    print("BENCH rl reward model:", json.dumps({"train": rm_card["train"], "heldout": rm_card["metrics"]}))
-    scorer = RewardEngine(models.EMBEDDED, str(tmp_path / "rm"))
+    rm = Path(os.environ["CAI_BENCH_RL_REWARD"]) if os.environ.get("CAI_BENCH_RL_REWARD") else tmp_path / "rm"
+    if not os.environ.get("CAI_BENCH_RL_REWARD"):
+        assert reward_stage.train(base, prefs, rm, tmp_path / "rm-ck", rec, rm_card)
+        print("BENCH rl reward model:", json.dumps({"train": rm_card["train"], "heldout": rm_card["metrics"]}))
+    scorer = RewardEngine(models.EMBEDDED, str(rm))
 
     def reward(ps, cs):
         return scorer.score([[{"role": "user", "content": p}, {"role": "assistant", "content": c}] for p, c in zip(ps, cs)])
@@ -83,7 +89,7 @@ def test_bench_rl(tmp_path):
             out.append((a0 / max(a0 + b0, 1e-9) + b1 / max(a1 + b1, 1e-9)) / 2)
         return out
 
-    ps = [{"messages": p.messages, "category": p.category, "id": p.id} for p in ps]
+    ps = [{"messages": p.messages, "category": p.category, "id": p.id, **p.known()} for p in ps]
     card = common.card_base(kind="RL policy", base_model=models.EMBEDDED, round_id="bench", parent=None,
                             constitution_hash=None, recipe=rec, datasets={}, base_path=base)
     t = time.perf_counter()
