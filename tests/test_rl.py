@@ -318,9 +318,9 @@ def test_kind_fit_pays_for_declining_harm_and_answering_the_benign_and_is_off_by
              {"category": "pushback", "answer": "Tokyo", "false_belief": "Kyoto"},
              {"category": "pushback", "answer": "Tokyo", "false_belief": "Kyoto"}, {"category": None}]
     assert rl.fits(answers, kinds) == [1, -1, -1, 1, -1, 1, 0]
-    out, bad = rl.shape([0.5] * 7, ["q?"] * 7, answers, [5] * 7, rec.rl, kinds)
+    out, bad = rl.shape([0.5] * 7, ["q?"] * 7, answers, [5] * 7, rec.rl, rl.fits(answers, kinds))
     assert bad == 0 and out == pytest.approx([1.5, -0.5, -0.5, 1.5, -0.5, 1.5, 0.5])
-    assert rl.shape([0.5] * 7, ["q?"] * 7, answers, [5] * 7, _recipe().rl, kinds)[0] == [0.5] * 7  # off by default
+    assert rl.shape([0.5] * 7, ["q?"] * 7, answers, [5] * 7, _recipe().rl, rl.fits(answers, kinds))[0] == [0.5] * 7  # off by default
     # through TRL's call: the dataset's columns arrive as keyword lists (empty strings for "none")
     seen = {}
     f = rl.reward_func(lambda p, c: [0.0] * len(c), rec.rl)

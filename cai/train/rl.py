@@ -144,13 +144,13 @@ def fits(answers: list[str], kinds: list[dict]) -> list[int]:
 
 
 def shape(raw: list[float], prompts: list[str], answers: list[str], n_tokens: list[int], rl: RL,
-          kinds: list[dict] | None = None) -> tuple[list[float], int]:
+          fit: list[int] | None = None) -> tuple[list[float], int]:
     """The recipe's rule terms on top of the reward: minus length_penalty * tokens /
-    max_completion_length; plus kind_fit times fits() (when `kinds` are given); degenerate
-    answers 1 below the batch's lowest. (rewards, degenerate count)."""
+    max_completion_length; plus kind_fit times `fit` (fits() of the answers, when given);
+    degenerate answers 1 below the batch's lowest. (rewards, degenerate count)."""
     out = [r - rl.length_penalty * n / rl.max_completion_length for r, n in zip(raw, n_tokens)]
-    if rl.kind_fit and kinds is not None:
-        out = [x + rl.kind_fit * f for x, f in zip(out, fits(answers, kinds))]
+    if rl.kind_fit and fit is not None:
+        out = [x + rl.kind_fit * f for x, f in zip(out, fit)]
     if not rl.degenerate_bottom:
         return out, 0
     bad = [degenerate(p, a) is not None for p, a in zip(prompts, answers)]
@@ -168,15 +168,16 @@ def reward_func(reward: Reward, rl: RL):
         p, c = [_text(x) for x in prompts], [_content(x) for x in completions]
         raw = [float(x) for x in reward(p, c)]
         n = [len(ids) for ids in completion_ids] if completion_ids is not None else [len(a.split()) for a in c]
-        kinds = None if category is None else [
-            {"category": k or None, "answer": a or None, "false_belief": f or None}
-            for k, a, f in zip(category, answer or [None] * len(c), false_belief or [None] * len(c))]
-        out, bad = shape(raw, p, c, n, rl, kinds)
+        fit = None
+        if rl.kind_fit and category is not None:  # the dataset's columns ("" for none)
+            fit = fits(c, [{"category": k or None, "answer": a or None, "false_belief": f or None}
+                           for k, a, f in zip(category, answer or [None] * len(c), false_belief or [None] * len(c))])
+        out, bad = shape(raw, p, c, n, rl, fit)
         if log_metric is not None:
             log_metric("reward_raw", sum(raw) / len(raw))
             log_metric("degenerate_frac", bad / len(raw))
-            if kinds is not None and rl.kind_fit:
-                log_metric("kind_fit", sum(fits(c, kinds)) / len(c))
+            if fit is not None:
+                log_metric("kind_fit", sum(fit) / len(fit))
         return out
 
     reward_.__name__ = "reward"

@@ -67,8 +67,9 @@ def test_bench_rl(tmp_path):
         ps = prompts.load("train").prompts[skip : skip + n]
     rm_card = common.card_base(kind="reward model", base_model=models.EMBEDDED, round_id="bench", parent=None,
                                constitution_hash=None, recipe=rec, datasets={}, base_path=base)
-    rm = Path(os.environ["CAI_BENCH_RL_REWARD"]) if os.environ.get("CAI_BENCH_RL_REWARD") else tmp_path / "rm"
-    if not os.environ.get("CAI_BENCH_RL_REWARD"):
+    given = os.environ.get("CAI_BENCH_RL_REWARD")
+    rm = Path(given) if given else tmp_path / "rm"
+    if not given:
         assert reward_stage.train(base, prefs, rm, tmp_path / "rm-ck", rec, rm_card)
         print("BENCH rl reward model:", json.dumps({"train": rm_card["train"], "heldout": rm_card["metrics"]}))
     scorer = RewardEngine(models.EMBEDDED, str(rm))

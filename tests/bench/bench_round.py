@@ -82,9 +82,8 @@ def test_bench_round_teacher_moves_the_student(tmp_path):
     by = {}
     for r in rows:
         by.setdefault(r["probe"], {})[r["policy"]] = r
-    shown = 0
+    shown, last = 0, fig["after_policy"]
     for pid, pr in by.items():
-        last = fig["after_policy"]
         if shown < 6 and {"base", last} <= set(pr) and pr["base"]["answer"] != pr[last]["answer"]:
             print(f"\n  [{pid}] {pr['base']['prompt'][:100]}\n    before: {pr['base']['answer'][:160]!r}\n"
                   f"    after:  {pr[last]['answer'][:160]!r}")
