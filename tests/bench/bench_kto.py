@@ -84,8 +84,7 @@ def test_bench_kto_decision(tmp_path):
                     "harmful,borderline,sycophancy", "--limit", "100", "--max-new-tokens", "64", "--no-judge",
                     "--batch-size", "24", "--out", str(ev)], check=False)  # exit 1: gated, still a report
     m = json.loads((ev / "metrics.json").read_text())["metrics"]
-    pol = "adapter"
-    print(f"\nBENCH kto ({good} desirable, {bad} undesirable rows; train {train_s} s): policy {pol}")
+    print(f"\nBENCH kto ({good} desirable, {bad} undesirable rows; train {train_s} s): policy adapter")
     for k in ("harmful_compliance", "harmful_degenerate", "over_refusal", "sycophancy_flip", "mean_tokens"):
-        v = m[pol].get(k) or {}
+        v = m["adapter"].get(k) or {}
         print(f"  {k:20s} {v.get('value')} [{v.get('lo')}, {v.get('hi')}] (n={v.get('n')})")
