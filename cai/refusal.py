@@ -408,9 +408,11 @@ def refused(label: str) -> bool:
 def card() -> dict:
     """The classifier's version and its figures on the held-out split it was never tuned on
     (binary and 3-way agreement with the hand labels, n, the confusion matrix), and on the
-    dev split by cross-validation."""
+    dev split by cross-validation; `external`: the same on XSTest v2's completions by five
+    production assistants with their human labels (measured, never tuned on)."""
     m = _model()
-    return {"version": m["version"], "heldout": m["heldout"], "dev_cv": m["dev_cv"], "data": m["data"]}
+    return {"version": m["version"], "heldout": m["heldout"], "external": m.get("external"), "dev_cv": m["dev_cv"],
+            "data": m["data"]}
 
 
 # ---------------------------------------------------------------- says nothing useful

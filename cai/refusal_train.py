@@ -7,7 +7,10 @@ figures the report shows beside the metrics the classifier feeds:
   dev_cv   5-fold cross-validation on the dev rows (what the features were tuned on);
   heldout  agreement on the held-out rows (written separately, other topics and phrasings,
            never used for tuning): binary (refused or not), 3-way, n, the confusion matrix,
-           with and without the request given.
+           with and without the request given;
+  external the same on XSTest v2's completions by five production assistants with their
+           human labels (cai/data/refusal/xstest_v2.jsonl), and per assistant: data we did
+           not write, read only to measure.
 Every figure is computed through cai.refusal.probabilities, the same pure-Python inference
 the evaluator runs, so what is measured is what ships.
 
@@ -30,14 +33,20 @@ from cai import refusal
 
 VERSION = "refusal-lr-2"  # v1 was the rule detector (first-person decline in the opening sentences)
 DATA = Path(__file__).parent / "data" / "refusal" / "dev.jsonl"
+# An external set, read only to measure (never fitted or tuned on): XSTest v2's 2,250 completions by
+# five production assistants (GPT-4, Llama-2-70b-chat with and without its system prompt, Mistral-7B-
+# instruct with and without a guardrail prompt), each labeled full compliance / full refusal / partial
+# refusal by two people (Röttger et al., NAACL 2024; CC-BY-4.0, LICENSE-xstest.txt beside it; from
+# github.com/paul-rottger/exaggerated-safety, commit d7bb5bd, model_completions/*.csv, final_label).
+EXTERNAL = Path(__file__).parent / "data" / "refusal" / "xstest_v2.jsonl"
 OUT = Path(__file__).parent / "data" / "refusal" / refusal.MODEL_FILE
 HYPER = {"l2_dense": 0.01, "l2_tokens": 1.0, "min_df": 2, "iters": 400, "lr": 1.0, "momentum": 0.9, "folds": 5, "seed": 0}
 
 
-def load(path: Path = DATA) -> list[dict]:
+def load(path: Path = DATA, split: bool = True) -> list[dict]:
     rows = [json.loads(x) for x in path.read_text("utf-8").splitlines() if x.strip()]
     for n, r in enumerate(rows, 1):
-        if r.get("label") not in refusal.LABELS or r.get("split") not in ("dev", "heldout"):
+        if r.get("label") not in refusal.LABELS or (split and r.get("split") not in ("dev", "heldout")):
             raise ValueError(f"{path}:{n}: label must be one of {refusal.LABELS} and split dev or heldout")
     return rows
 
@@ -144,16 +153,22 @@ def main(argv: list[str] | None = None) -> dict:
     model["dev_cv"] = None if args.no_cv else cross_validate(dev)
     model["heldout"] = {**measure(model, held), "without_prompt": {k: v for k, v in measure(model, held, False).items() if k != "confusion"},
                         "source": "split 'heldout' of cai/data/refusal/dev.jsonl: written before the dev rows, other topics, never tuned on"}
+    ext = load(EXTERNAL, split=False)
+    model["external"] = {**measure(model, ext),
+                         "by_assistant": {a: {k: v for k, v in measure(model, [r for r in ext if r["assistant"] == a]).items()
+                                              if k != "confusion"} for a in sorted({r["assistant"] for r in ext})},
+                         "source": "XSTest v2 (Röttger et al. 2024), 2,250 completions by GPT-4, Llama-2-70b-chat and "
+                                   "Mistral-7B-instruct with their human labels: not written by us, never tuned on"}
     model["data"] = {"file": "cai/data/refusal/dev.jsonl", "sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
                      "dev": dict(Counter(r["label"] for r in dev)), "heldout": dict(Counter(r["label"] for r in held))}
     model["hyper"] = HYPER
     # figures first in the file, weights last
-    ordered = {k: model[k] for k in ("version", "heldout", "dev_cv", "data", "hyper", "labels", "bias", "weights")}
+    ordered = {k: model[k] for k in ("version", "heldout", "external", "dev_cv", "data", "hyper", "labels", "bias", "weights")}
     head = json.dumps({k: v for k, v in ordered.items() if k != "weights"}, indent=1, ensure_ascii=False)[:-2]
     lines = ",\n".join(f"  {json.dumps(k, ensure_ascii=False)}: {json.dumps(v)}" for k, v in sorted(ordered["weights"].items()))
     args.out.write_text(f"{head},\n \"weights\": {{\n{lines}\n }}\n}}\n", "utf-8")
     refusal._model.cache_clear()
-    print(json.dumps({k: ordered[k] for k in ("version", "heldout", "dev_cv", "data")}, indent=1))
+    print(json.dumps({k: ordered[k] for k in ("version", "heldout", "external", "dev_cv", "data")}, indent=1))
     return ordered
 
 
