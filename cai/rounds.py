@@ -90,10 +90,6 @@ def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None, force:
     check(models_mod.resolve, cfg.model)
     training = [s for s in cfg.stages if not ROW[s].sharded]
     rec = check(recipe_mod.load, cfg.recipe) if training else None
-    if rec is not None and rec.quant.four_bit:
-        why = models_mod.four_bit_available()
-        if why:
-            problems.append(f"recipe {rec.name}: quant.four_bit is on but {why}")
     if parent_policy is not None and not (Path(parent_policy) / "adapter_config.json").exists():
         problems.append(f"--parent: {parent_policy} has no policy adapter (adapter_config.json); the parent round must "
                         f"have finished the stage that makes it")
@@ -107,12 +103,15 @@ def prepare(dest: Path, cfg: RoundConfig, *, round_id: str | None = None, force:
     problems += check(lambda: server_mod.check(cfg, dest.parent, parent_policy, served(cfg, cfg.stages))) or []
     if problems:
         raise InputError(problems)
+    if dest.exists() and any(dest.iterdir()):
+        raise InputError(f"{dest}: folder is not empty; choose a new --out or remove it")
+    # the checks that import heavy libraries come last, so bad input is refused in a second, not after torch loads
+    if rec is not None and rec.quant.four_bit and (why := models_mod.four_bit_available()):
+        raise InputError(f"recipe {rec.name}: quant.four_bit is on but {why}")
     if "label" in cfg.stages and not served_judge:
         from cai.generation import choice_token_ids
 
         choice_token_ids(models_mod.load_tokenizer(judge_r or models_mod.resolve(cfg.model)))
-    if dest.exists() and any(dest.iterdir()):
-        raise InputError(f"{dest}: folder is not empty; choose a new --out or remove it")
     rnd = Round(round_id=round_id or store.new_round_id(), **cfg.model_dump())
     servers = server_mod.describe(served(cfg, cfg.stages))  # URL (no credentials), served model, version: for the manifest
     out = store.tmp_dir_beside(dest)  # written whole, then moved into place: an interrupted prepare leaves nothing
