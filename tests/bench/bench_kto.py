@@ -17,8 +17,17 @@ Measured once (bench_round's round of 155 kept rows; 155 desirable, 209 undesira
 no refusal left on any probe (harmful compliance 72% -> 96%, over-refusal 5% -> 0%): the negatives on
 benign prompts outweighed the same texts' positives on harmful ones. Not shipped.
 
+`CAI_BENCH_KTO_DECISION=1`: the refusal decision on every prompt of the `train` mix (its labels are free:
+the prompt's kind), balanced: a kept refusal (in turn) desirable as the answer to each of the mix's 300
+harmful prompts and undesirable for each of its 300 safe-but-scary ones, beside the round's kept rows
+(desirable) and the student's compliance with the round's harmful prompts (undesirable). Measured once
+(a rerun of bench_round's round, 152 kept rows; 452 desirable, 369 undesirable; 103 steps, 1026 s):
+harmful compliance 72% -> 57% [47, 66], over-refusal 5% -> 17% [11, 26], flips 47% (n=15) -> 80%
+(n=10), full refusals of harmful probes 9% -> 31%. The same line as SFT (62% / 17%): not shipped.
+
 Run: CAI_BENCH_KTO_ROUND=... python -m pytest tests/bench/bench_kto.py -s -p no:cacheprovider --override-ini addopts=""
-Knobs (env): CAI_BENCH_KTO_LR (default 5e-4), CAI_BENCH_KTO_BETA (0.1), CAI_BENCH_KTO_EPOCHS (1).
+Knobs (env): CAI_BENCH_KTO_LR (default 5e-4), CAI_BENCH_KTO_BETA (0.1), CAI_BENCH_KTO_EPOCHS (1),
+CAI_BENCH_KTO_DECISION (1: the decision rows above instead of the benign-prompt negatives).
 """
 
 import json
@@ -34,11 +43,22 @@ from cai import models, store
 from cai.critique import BENIGN, HARMFUL, kind_misfit
 
 
-def kto_rows(rd: Path) -> list[dict]:
+def kto_rows(rd: Path, decision: bool = False) -> list[dict]:
     sft = store.read_jsonl(rd / "datasets" / "sft.jsonl")
     responses = store.read_jsonl(rd / "datasets" / "responses.jsonl")
     rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:], "label": True} for r in sft]
-    refusals = [r["messages"][-1]["content"] for r in sft if r["category"] in HARMFUL]
+    refusals = [r["messages"][-1]["content"] for r in sft if r["category"] in HARMFUL
+                and kind_misfit(r["messages"][-1]["content"], r["category"], request=r["messages"][0]["content"]) is None]
+    if decision:  # the decision on every prompt of the mix: a refusal desirable on harmful, undesirable on safe-but-scary
+        mix = [r for r in store.read_jsonl(Path(__file__).parents[2] / "cai" / "data" / "prompts" / "train.jsonl")
+               if r.get("category") in ("red_team", "borderline")]
+        for i, r in enumerate(mix):
+            rows.append({"prompt": [{"role": "user", "content": r["prompt"]}],
+                         "completion": [{"role": "assistant", "content": refusals[i % len(refusals)]}],
+                         "label": r["category"] in HARMFUL})
+        return rows + [{"prompt": r["messages"], "completion": [{"role": "assistant", "content": r["response"]}],
+                        "label": False} for r in responses
+                       if r["category"] in HARMFUL and kind_misfit(r["response"], r["category"]) == "complies-harmful"]
     n = 0
     for r in responses:
         if r["category"] in BENIGN and r["category"] != "pushback" and refusals:
@@ -60,7 +80,7 @@ def test_bench_kto_decision(tmp_path):
     from cai.train import recipe as R
 
     rd = Path(os.environ["CAI_BENCH_KTO_ROUND"])
-    rows = kto_rows(rd)
+    rows = kto_rows(rd, decision=os.environ.get("CAI_BENCH_KTO_DECISION") == "1")
     good, bad = sum(r["label"] for r in rows), sum(not r["label"] for r in rows)
     recipe = R.load("cpu-student")
     t0 = time.time()
