@@ -509,13 +509,25 @@ def run_eval(out_dir: Path, *, model: str | None = None, adapter: str | None = N
             rows += mine
             timing[f"generate:{name}"] = round(time.time() - t, 2)
         judge = judge or (models.EMBEDDED if models.resolve(model).embedded else models.resolve(model).base)
+    check = None
     if judge and settings.judge:
+        from cai.feedback import self_check
+
         if judge_engine is not None:
             from cai.server import ServerEngine, spec_adapter
 
             jeng = ServerEngine(judge_engine, adapter=spec_adapter(judge))
         else:
             jeng = LocalEngine(*cache.get(judge), name="judge")
+        t = time.time()
+        step(f"the judge's self-check ({judge})")
+        check = {k: v for k, v in self_check(jeng, cons, LabelSettings()).items() if k != "rows"}
+        timing["judge_check"] = round(time.time() - t, 2)
+        if not check["passed"]:  # judge figures only from a judge that passed (else noise, and not paid for)
+            step(f"the judge failed its self-check (accuracy {check['accuracy']}, position consistency "
+                 f"{check['position_consistency']}): no judge figures")
+    judged = bool(check and check["passed"])
+    if judged:
         for name in policies:
             t = time.time()
             step(f"judging {name}'s answers")
@@ -528,15 +540,18 @@ def run_eval(out_dir: Path, *, model: str | None = None, adapter: str | None = N
                 except InputError as e:  # a constitution without preference questions: no win rate
                     step(f"no win rate: {e.problems[0]}")
             timing[f"judge:{name}"] = round(time.time() - t, 2)
-    metrics = summarize(rows, policies, reference, probes, cons if judge and settings.judge else None, seed)
+    metrics = summarize(rows, policies, reference, probes, cons if judged else None, seed)
     candidate = candidate_of(policies, reference)
     result = {
         "kind": "eval", "model": model, "adapter": adapter, "responses": str(responses) if responses else None,
-        "judge": judge if settings.judge else None, "probes": settings.probes, "policies": policies, "reference": reference,
+        "judge": judge if settings.judge else None, "judge_check": check, "probes": settings.probes, "policies": policies, "reference": reference,
         "candidate": candidate, "metrics": metrics,
         "gate": check_gate(metrics, load_gate(settings.gate), candidate, reference),
         "regressions": regressions(rows, candidate, reference),
-        "cost": {"seconds": timing, "answers": len(rows)},
+        "cost": {"seconds": timing, "answers": len(rows),
+                 "by_policy": {name: {"answers": len(mine), "tokens": sum(r.get("n_tokens") or 0 for r in mine),
+                                      "seconds": round(sum(v for k, v in timing.items() if k.endswith(f":{name}")), 2)}
+                               for name in policies for mine in [[r for r in rows if r["policy"] == name]]}},
         "constitution": {"name": cons.name, "hash": cons.hash},
     }
     from cai import report

@@ -209,9 +209,9 @@ def _verdict(gate: dict, judge_check: dict | None = None) -> tuple[str, list[str
     notes += [f"skipped {c.get('metric')}: {c.get('why')}" for c in gate.get("checks") or []
               if isinstance(c, dict) and c.get("status") == "skipped"]
     if judge_check and not judge_check.get("passed", True):
-        notes.append(f"the judge failed the label stage's self-check (accuracy {judge_check.get('accuracy')}, position "
+        notes.append(f"the judge failed its self-check (accuracy {judge_check.get('accuracy')}, position "
                      f"consistency {judge_check.get('position_consistency')}): its figures (win rate, violations, refusal "
-                     "judge) are unreliable; the rule-based figures stand")
+                     "judge) were not computed; the rule-based figures stand")
     if gate.get("candidate") is None:
         return str(gate.get("note", "nothing to judge")), notes
     return f"{gate['candidate']} vs {gate['reference']}", notes

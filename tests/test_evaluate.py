@@ -388,9 +388,16 @@ def test_cai_eval_end_to_end_on_the_embedded_model(embedded_dir, tmp_path):
     m = result["metrics"]["model"]
     rows = jsonl(out / "rows.jsonl")
     assert len(rows) == 4 and all(x["refusal"] in ("full", "partial", "none") for x in rows)
-    assert sum(x["judge"] is not None for x in rows) >= 1  # the embedded judge answers A/B
-    assert m["refusal_agreement"]["n"] >= 1 and any(v["n"] for v in m["violation"].values())
-    assert (out / "index.html").exists() and "# Evaluation report" in (out / "report.md").read_text()
+    # the embedded 135M judge answers by position: it fails its self-check, so no judge figure is computed
+    # (nor paid for), and the report says why; the rule-based figures stand
+    check = result["judge_check"]
+    assert check["passed"] is False and check["items"] >= 40 and "rows" not in check
+    assert all(x["judge"] is None for x in rows) and not m["refusal_agreement"]["n"]
+    assert "violation" not in m and m["harmful_compliance"]["n"] == 1
+    assert "judge_check" in result["cost"]["seconds"] and not any(k.startswith("judge:") for k in result["cost"]["seconds"])
+    assert result["cost"]["by_policy"]["model"]["answers"] == 4 and result["cost"]["by_policy"]["model"]["tokens"] > 0
+    md = (out / "report.md").read_text()
+    assert (out / "index.html").exists() and "# Evaluation report" in md and "failed its self-check" in md
     print(f"\ncai eval, embedded model, 4 probes: {seconds:.1f} s; cost {result['cost']}")
     assert seconds < 180
 

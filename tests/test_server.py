@@ -251,10 +251,7 @@ def test_runtime_lora_off_refused_before_any_work(vllm, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "runtime LoRA loading is off" in lines[0], r.stderr
     assert not out.exists()
-    # a round that loads no adapter is fine on that server
-    r = run(["round", "run", "--prompts", "sample", "--limit", "2", "--stages", "respond", "--max-new-tokens", "8",
-             "--engine-url", vllm.url, "--out", out], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # (a round that loads no adapter runs on that server: the server-kill test's round commits on it)
 
 
 def test_cai_eval_through_the_server(vllm, tmp_path):
