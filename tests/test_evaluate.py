@@ -377,19 +377,21 @@ def test_queue_ends_a_round_gated_and_submit_refuses_it_as_parent(cluster, tiny_
 
 
 @pytest.mark.e2e
-def test_cai_eval_end_to_end_on_the_embedded_model(embedded_dir, tmp_path):
+def test_cai_eval_end_to_end_on_the_embedded_model(embedded_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
     t = time.time()
-    r = cai("eval", "--model", "smollm2-135m", "--limit", "1", "--max-new-tokens", "24", "--principles-per-answer", "2",
-            "--out", out)
+    # the judge: the tiny random model (its self-check costs seconds; the embedded judge's, ~25 s, is asserted
+    # to fail by the every-stage round in test_round_run)
+    r = cai("eval", "--model", "smollm2-135m", "--judge", tiny_model_dir, "--limit", "1", "--max-new-tokens", "24",
+            "--principles-per-answer", "2", "--out", out)
     seconds = time.time() - t
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((out / "metrics.json").read_text())
     m = result["metrics"]["model"]
     rows = jsonl(out / "rows.jsonl")
     assert len(rows) == 4 and all(x["refusal"] in ("full", "partial", "none") for x in rows)
-    # the embedded 135M judge answers by position: it fails its self-check, so no judge figure is computed
-    # (nor paid for), and the report says why; the rule-based figures stand
+    # a judge at chance fails its self-check, so no judge figure is computed (nor paid for), and the report
+    # says why; the rule-based figures stand
     check = result["judge_check"]
     assert check["passed"] is False and check["items"] >= 40 and "rows" not in check
     assert all(x["judge"] is None for x in rows) and not m["refusal_agreement"]["n"]

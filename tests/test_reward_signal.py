@@ -16,7 +16,7 @@ DATA = Path(__file__).parent / "data" / "separable_prefs.jsonl"
 def test_reward_model_learns_separable_pairs(embedded_dir, tmp_path):
     rec = R.load("cpu-tiny")
     rec = rec.model_copy(update={"reward": rec.reward.model_copy(update={
-        "max_steps": 12, "per_device_train_batch_size": 4, "learning_rate": 5e-4, "heldout_fraction": 0.25, "save_steps": 100})})
+        "max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 5e-4, "heldout_fraction": 0.25, "save_steps": 100})})
     card = common.card_base(kind="reward model", base_model="smollm2-135m", round_id="signal", parent=None,
                             constitution_hash=None, recipe=rec, datasets={"separable": DATA}, base_path=str(embedded_dir))
     out = tmp_path / "rm"

@@ -210,7 +210,7 @@ def test_server_killed_mid_shard_unit_retried_and_lands_once(vllm, tmp_path, mon
         cfg = tmp_path / "round.yaml"
         cfg.write_text(f"engine: {{url: '{vllm.url}', retries: 1, timeout: 300}}\n")
         r = c.cli("round", "submit", "--config", cfg, "--prompts", "sample", "--limit", "8", "--shard-size", "8",
-                  "--stages", "respond", "--max-new-tokens", "256")  # long enough to still be in flight
+                  "--stages", "respond", "--max-new-tokens", "128")  # long enough to still be in flight
         assert r.returncode == 0, r.stderr[-3000:]
         round_id = r.stdout.strip().splitlines()[-1]
         assert c.redis.client.llen("cpu") == 1 and c.redis.client.llen("generate") == 0  # plan.queue_of
