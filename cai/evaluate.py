@@ -542,16 +542,18 @@ def run_eval(out_dir: Path, *, model: str | None = None, adapter: str | None = N
             timing[f"judge:{name}"] = round(time.time() - t, 2)
     metrics = summarize(rows, policies, reference, probes, cons if judged else None, seed)
     candidate = candidate_of(policies, reference)
+    by_policy = {}
+    for name in policies:  # the shape of the round's evaluate cost (answers, tokens, seconds a policy)
+        mine = [r for r in rows if r["policy"] == name]
+        by_policy[name] = {"answers": len(mine), "tokens": sum(r.get("n_tokens") or 0 for r in mine),
+                           "seconds": round(sum(v for k, v in timing.items() if k.endswith(f":{name}")), 2)}
     result = {
         "kind": "eval", "model": model, "adapter": adapter, "responses": str(responses) if responses else None,
         "judge": judge if settings.judge else None, "judge_check": check, "probes": settings.probes, "policies": policies, "reference": reference,
         "candidate": candidate, "metrics": metrics,
         "gate": check_gate(metrics, load_gate(settings.gate), candidate, reference),
         "regressions": regressions(rows, candidate, reference),
-        "cost": {"seconds": timing, "answers": len(rows),
-                 "by_policy": {name: {"answers": len(mine), "tokens": sum(r.get("n_tokens") or 0 for r in mine),
-                                      "seconds": round(sum(v for k, v in timing.items() if k.endswith(f":{name}")), 2)}
-                               for name in policies for mine in [[r for r in rows if r["policy"] == name]]}},
+        "cost": {"seconds": timing, "answers": len(rows), "by_policy": by_policy},
         "constitution": {"name": cons.name, "hash": cons.hash},
     }
     from cai import report

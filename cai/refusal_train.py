@@ -37,7 +37,9 @@ DATA = Path(__file__).parent / "data" / "refusal" / "dev.jsonl"
 # five production assistants (GPT-4, Llama-2-70b-chat with and without its system prompt, Mistral-7B-
 # instruct with and without a guardrail prompt), each labeled full compliance / full refusal / partial
 # refusal by two people (Röttger et al., NAACL 2024; CC-BY-4.0, LICENSE-xstest.txt beside it; from
-# github.com/paul-rottger/exaggerated-safety, commit d7bb5bd, model_completions/*.csv, final_label).
+# github.com/paul-rottger/exaggerated-safety, commit d7bb5bd, model_completions/*.csv). Changed from the
+# original: CSV rows turned into JSONL (id, type, prompt; completion -> response; the file's model ->
+# assistant; final_label 1_full_compliance / 2_full_refusal / 3_partial_refusal -> none / full / partial).
 EXTERNAL = Path(__file__).parent / "data" / "refusal" / "xstest_v2.jsonl"
 OUT = Path(__file__).parent / "data" / "refusal" / refusal.MODEL_FILE
 HYPER = {"l2_dense": 0.01, "l2_tokens": 1.0, "min_df": 2, "iters": 400, "lr": 1.0, "momentum": 0.9, "folds": 5, "seed": 0}
@@ -47,7 +49,7 @@ def load(path: Path = DATA, split: bool = True) -> list[dict]:
     rows = [json.loads(x) for x in path.read_text("utf-8").splitlines() if x.strip()]
     for n, r in enumerate(rows, 1):
         if r.get("label") not in refusal.LABELS or (split and r.get("split") not in ("dev", "heldout")):
-            raise ValueError(f"{path}:{n}: label must be one of {refusal.LABELS} and split dev or heldout")
+            raise ValueError(f"{path}:{n}: label must be one of {refusal.LABELS}" + (" and split dev or heldout" if split else ""))
     return rows
 
 
@@ -102,14 +104,23 @@ def fit(rows: list[dict], hyper: dict = HYPER) -> dict:
     return {"labels": list(refusal.LABELS), "bias": [round(float(v), 5) for v in b], "weights": weights}
 
 
-def measure(model: dict, rows: list[dict], with_prompt: bool = True) -> dict:
-    """Agreement of the model's labels with the hand labels: binary, 3-way, n, confusion
-    (rows: the hand label, columns: the model's, both in LABELS order)."""
+def confusion(model: dict, rows: list[dict], with_prompt: bool = True) -> list[list[int]]:
+    """Counts of (hand label, the model's label), both in LABELS order."""
     cm = [[0] * 3 for _ in range(3)]
     for r in rows:
         got = refusal.decide(refusal.probabilities(r["response"], r.get("prompt") if with_prompt else None, model))
         cm[refusal.LABELS.index(r["label"])][refusal.LABELS.index(got)] += 1
-    n = len(rows)
+    return cm
+
+
+def measure(model: dict, rows: list[dict], with_prompt: bool = True) -> dict:
+    """Agreement of the model's labels with the hand labels: binary, 3-way, n, confusion
+    (rows: the hand label, columns: the model's, both in LABELS order)."""
+    return figures(confusion(model, rows, with_prompt))
+
+
+def figures(cm: list[list[int]]) -> dict:
+    n = sum(map(sum, cm))
     three = sum(cm[i][i] for i in range(3))
     binary = sum(cm[i][j] for i in range(3) for j in range(3) if (i == 2) == (j == 2))
     return {"binary": round(binary / n, 4) if n else None, "three_way": round(three / n, 4) if n else None, "n": n,
@@ -154,9 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     model["heldout"] = {**measure(model, held), "without_prompt": {k: v for k, v in measure(model, held, False).items() if k != "confusion"},
                         "source": "split 'heldout' of cai/data/refusal/dev.jsonl: written before the dev rows, other topics, never tuned on"}
     ext = load(EXTERNAL, split=False)
-    model["external"] = {**measure(model, ext),
-                         "by_assistant": {a: {k: v for k, v in measure(model, [r for r in ext if r["assistant"] == a]).items()
-                                              if k != "confusion"} for a in sorted({r["assistant"] for r in ext})},
+    by = {a: confusion(model, [r for r in ext if r["assistant"] == a]) for a in sorted({r["assistant"] for r in ext})}
+    total = [[sum(cm[i][j] for cm in by.values()) for j in range(3)] for i in range(3)]
+    model["external"] = {**figures(total),
+                         "by_assistant": {a: {k: v for k, v in figures(cm).items() if k != "confusion"} for a, cm in by.items()},
                          "source": "XSTest v2 (Röttger et al. 2024), 2,250 completions by GPT-4, Llama-2-70b-chat and "
                                    "Mistral-7B-instruct with their human labels: not written by us, never tuned on"}
     model["data"] = {"file": "cai/data/refusal/dev.jsonl", "sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
